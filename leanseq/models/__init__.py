@@ -1,0 +1,49 @@
+"""Model families behind one contract (see base.py), and `load` for any checkpoint folder."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from leanseq.models.checkpoint import CheckpointError, read_config
+from leanseq.models.config import ConfigError
+from leanseq.models.state import State
+
+# model_type in config.json -> (module, class). Imported on use so one family's import cost is not everyone's.
+MODEL_TYPES = {
+    "mamba": ("leanseq.models.mamba", "MambaLM"),
+    "mamba2": ("leanseq.models.mamba2", "Mamba2LM"),
+    "llama": ("leanseq.models.transformer", "TransformerLM"),
+    "leanseq_transformer": ("leanseq.models.transformer", "TransformerLM"),
+}
+
+
+def model_class(model_type: str):
+    if model_type not in MODEL_TYPES:
+        raise CheckpointError(
+            f"unknown model_type {model_type!r}; leanseq loads: {', '.join(sorted(MODEL_TYPES))}"
+        )
+    module, name = MODEL_TYPES[model_type]
+    return getattr(importlib.import_module(module), name)
+
+
+def load(path: str | os.PathLike, device=None, dtype=None):
+    """A checkpoint folder (config.json + safetensors, single or sharded) -> model in eval mode."""
+    config = read_config(path)
+    if "model_type" not in config:
+        raise CheckpointError(f"{path}/config.json has no model_type; leanseq loads: {', '.join(sorted(MODEL_TYPES))}")
+    return model_class(config["model_type"]).from_pretrained(path, device=device, dtype=dtype)
+
+
+def __getattr__(name):
+    lazy = {
+        "MambaLM": "leanseq.models.mamba", "MambaConfig": "leanseq.models.mamba",
+        "Mamba2LM": "leanseq.models.mamba2", "Mamba2Config": "leanseq.models.mamba2",
+        "TransformerLM": "leanseq.models.transformer", "TransformerConfig": "leanseq.models.transformer",
+    }
+    if name in lazy:
+        return getattr(importlib.import_module(lazy[name]), name)
+    raise AttributeError(name)
+
+
+__all__ = ["load", "model_class", "State", "CheckpointError", "ConfigError", "MODEL_TYPES"]

@@ -1,0 +1,159 @@
+"""The contract every leanseq language model follows.
+
+    logits = model(input_ids)                                   # (B, L) -> (B, L, V)
+    logits, state = model(input_ids, state=s, return_state=True)  # continue from s, return the state after
+    state = model.init_state(batch_size)
+    logits, state = model.step(token_ids, state)                # (B,) -> (B, V)
+    model.generate(...), model.generate_stream(...), model.save_pretrained(path), leanseq.load(path)
+
+Subclasses implement `_forward(input_ids, state) -> (logits, state)`, `init_state` and usually a faster
+`_step`. Inputs are validated here once, so every model rejects bad input with the same clear errors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from leanseq.models import checkpoint as ckpt
+from leanseq.models.config import ConfigBase
+from leanseq.models.generation import stream_tokens
+from leanseq.models.state import State
+
+
+class LanguageModel(nn.Module):
+    config_class: ClassVar[type[ConfigBase]]
+    state_class: ClassVar[type[State]]
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    # ---- to implement -------------------------------------------------------------------------------------
+    def _forward(self, input_ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State | None]:
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int, device=None) -> State:
+        raise NotImplementedError
+
+    def _step(self, token_ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        logits, state = self._forward(token_ids[:, None], state)
+        return logits[:, 0], state
+
+    # ---- the shared contract ------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        seen, total = set(), 0
+        for name, p in self.named_parameters():
+            if id(p) in seen or (exclude_embeddings and "embed" in name):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    def check_input_ids(self, input_ids, rank: int = 2, what: str = "input_ids") -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype in (torch.bool, torch.complex64, torch.complex128):
+            raise TypeError(f"{what} must hold integer token ids (torch.long), got dtype {input_ids.dtype}")
+        if input_ids.dim() != rank:
+            shape = "(batch, seq_len)" if rank == 2 else "(batch,)"
+            raise ValueError(f"{what} must have shape {shape}, got {tuple(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"{what} is empty (shape {tuple(input_ids.shape)}); pass at least one token")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{what} holds token id {bad}, outside the vocabulary [0, {self.vocab_size})")
+
+    def check_state(self, state, batch_size: int) -> None:
+        if not isinstance(state, self.state_class):
+            raise TypeError(
+                f"state must be a {self.state_class.__name__} from this model's init_state(), "
+                f"got {type(state).__name__}"
+            )
+        if state.batch_size != batch_size:
+            raise ValueError(f"state holds {state.batch_size} rows but the input has batch size {batch_size}")
+
+    def forward(self, input_ids: torch.Tensor, state: State | None = None, return_state: bool = False):
+        self.check_input_ids(input_ids)
+        if state is not None:
+            self.check_state(state, input_ids.shape[0])
+        elif return_state:
+            state = self.init_state(input_ids.shape[0], device=input_ids.device)
+        logits, new_state = self._forward(input_ids.long(), state)
+        return (logits, new_state) if return_state else logits
+
+    def step(self, token_ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Consume one token per row: token_ids (B,) -> (logits (B, V), new state)."""
+        self.check_input_ids(token_ids, rank=1, what="token_ids")
+        self.check_state(state, token_ids.shape[0])
+        return self._step(token_ids.long(), state)
+
+    def generate_stream(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        eos_token_id: int | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield one (B,) tensor of new tokens at a time: one chunked prefill, then recurrent steps."""
+        return stream_tokens(self, input_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        eos_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """The prompt followed by up to max_new_tokens sampled tokens: (B, L + new)."""
+        new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id))
+        if not new:
+            return input_ids
+        return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
+
+    # ---- checkpoints --------------------------------------------------------------------------------------
+    def _tied_keys(self) -> tuple[str, ...]:
+        """Checkpoint keys that alias another tensor and are left out of saved files."""
+        return ("lm_head.weight",) if getattr(self.config, "tie_word_embeddings", False) else ()
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write config.json + model.safetensors (atomically) that transformers loads with identical logits."""
+        tensors = {k: v for k, v in self.state_dict().items() if k not in self._tied_keys()}
+        config = self.config.to_dict()
+        config["architectures"] = [self.hf_architecture] if getattr(self, "hf_architecture", None) else []
+        return ckpt.write_checkpoint(path, config, tensors)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None):
+        config = cls.config_class.from_dict(ckpt.read_config(path))
+        tensors = ckpt.read_tensors(path)
+        model = cls(config)
+        # a load keeps the checkpoint's floating dtype unless asked otherwise
+        float_dtypes = {v.dtype for v in tensors.values() if v.is_floating_point()}
+        target = dtype or (float_dtypes.pop() if len(float_dtypes) == 1 else torch.float32)
+        model.to(target)
+        ckpt.load_state_dict_strict(model, tensors, optional=model._tied_keys())
+        if device is not None:
+            model.to(device)
+        return model.eval()

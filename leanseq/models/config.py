@@ -1,0 +1,112 @@
+"""Config dataclass helpers shared by every model family.
+
+Field names and defaults follow the keys of Hugging Face's config.json for the family, so a checkpoint's
+config loads as is. Keys every Hugging Face config carries (architectures, dtype, ...) are accepted and
+ignored; any other unknown key is an error that names it, because a silently dropped key changes the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from typing import Any
+
+# Keys written by transformers' PretrainedConfig for every model; they do not change the computation here.
+GENERIC_HF_KEYS = frozenset(
+    {
+        "architectures", "transformers_version", "torch_dtype", "dtype", "use_cache", "return_dict",
+        "output_hidden_states", "output_attentions", "is_encoder_decoder", "pad_token_id", "bos_token_id",
+        "eos_token_id", "initializer_range", "rescale_prenorm_residual", "time_step_init_scheme",
+        "time_step_floor", "time_step_min", "time_step_max", "time_step_scale", "use_mambapy",
+        "use_associative_scan", "chunk_size_feed_forward", "problem_type", "id2label", "label2id",
+        "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params",
+        "finetuning_task", "tie_encoder_decoder", "add_cross_attention", "cross_attention_hidden_size",
+        "is_decoder", "pruned_heads", "torchscript", "_name_or_path", "_attn_implementation_autoset",
+        "layer_types", "pretraining_tp", "mlp_bias", "head_dim_", "auto_map", "quantization_config",
+        "_commit_hash", "transformers.js_config", "output_router_logits",
+    }
+)
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, missing or of the wrong type."""
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> Any:
+    """Coerce JSON values to the field's type, or raise naming the key."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(name, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key {name!r}: {value!r} is not of type {annotation}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {name!r} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"config key {name!r} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {name!r} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {name!r} must be a string, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {name!r} must be a list, got {value!r}")
+        return list(value)
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {name!r} must be a mapping, got {value!r}")
+        return value
+    return value
+
+
+class ConfigBase:
+    """Mixin for config dataclasses: strict from_dict / to_dict / JSON helpers."""
+
+    model_type: typing.ClassVar[str] = ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], strict: bool = True):
+        data = dict(data)
+        mt = data.pop("model_type", cls.model_type)
+        if mt != cls.model_type:
+            raise ConfigError(f"config has model_type {mt!r}, but {cls.__name__} expects {cls.model_type!r}")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        kwargs = {}
+        for key, value in data.items():
+            if key in fields:
+                kwargs[key] = _check_type(key, value, hints[key])
+            elif key in GENERIC_HF_KEYS or key.startswith("_"):
+                continue
+            elif strict:
+                known = ", ".join(sorted(fields))
+                raise ConfigError(f"unknown config key {key!r} for {cls.model_type}; known keys: {known}")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"model_type": self.model_type}
+        out.update(dataclasses.asdict(self))
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

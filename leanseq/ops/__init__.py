@@ -1,0 +1,5 @@
+"""Pure tensor functions: scans, SSD, causal conv. Each fast path sits beside its readable reference."""
+
+from leanseq.ops.conv import causal_conv1d, causal_conv1d_step
+
+__all__ = ["causal_conv1d", "causal_conv1d_step"]

@@ -1,0 +1,58 @@
+"""Causal depthwise conv1d, over a whole sequence and as one step on a rolling conv state.
+
+Layout is channel-last, (B, L, C), like the linear layers around it. The conv state holds the last
+K - 1 inputs, (B, C, K - 1), oldest first, so a sequence can be continued exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    conv_state: torch.Tensor | None = None,
+    activation: str | None = "silu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, L, C), weight (C, K), bias (C,), conv_state (B, C, K-1) or None (zeros).
+
+    Returns (y (B, L, C), new conv_state (B, C, K-1)).
+    """
+    batch, length, channels = x.shape
+    k = weight.shape[-1]
+    if weight.shape != (channels, k):
+        raise ValueError(f"conv weight must be (channels={channels}, kernel), got {tuple(weight.shape)}")
+    xt = x.transpose(1, 2)  # (B, C, L)
+    if conv_state is None:
+        conv_state = xt.new_zeros(batch, channels, k - 1)
+    full = torch.cat([conv_state.to(xt.dtype), xt], dim=-1)  # (B, C, K-1+L)
+    y = F.conv1d(full, weight.unsqueeze(1), bias, groups=channels)  # (B, C, L)
+    new_state = full[:, :, full.shape[-1] - (k - 1):]
+    y = y.transpose(1, 2)
+    if activation == "silu":
+        y = F.silu(y)
+    elif activation is not None:
+        raise ValueError(f"unsupported activation {activation!r}")
+    return y, new_state
+
+
+def causal_conv1d_step(
+    x_t: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = "silu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token: x_t (B, C), conv_state (B, C, K-1) -> (y_t (B, C), new conv_state)."""
+    window = torch.cat([conv_state.to(x_t.dtype), x_t.unsqueeze(-1)], dim=-1)  # (B, C, K)
+    y = (window * weight).sum(-1)
+    if bias is not None:
+        y = y + bias
+    if activation == "silu":
+        y = F.silu(y)
+    elif activation is not None:
+        raise ValueError(f"unsupported activation {activation!r}")
+    return y, window[:, :, 1:]
