@@ -1,0 +1,42 @@
+"""Small layers shared by the model families."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 (as Mamba, Mamba-2 and Llama checkpoints expect), weight applied after."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Mamba-2's norm: x * silu(gate), then RMSNorm within each of `n_groups` groups of channels."""
+
+    def __init__(self, hidden_size: int, n_groups: int = 1, eps: float = 1e-6):
+        super().__init__()
+        if hidden_size % n_groups:
+            raise ValueError(f"hidden size {hidden_size} is not divisible by n_groups={n_groups}")
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.group_size = hidden_size // n_groups
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        if gate is not None:
+            x = x * nn.functional.silu(gate.float())
+        grouped = x.view(*x.shape[:-1], -1, self.group_size)
+        grouped = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * grouped.view_as(x).to(dtype)

@@ -1,0 +1,214 @@
+"""Mamba-1 language model (Gu & Dao 2023), loading and saving Hugging Face `mamba` checkpoints.
+
+Parameter names equal transformers' MambaForCausalLM, so a state_dict moves between the two unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanseq.models.base import LanguageModel
+from leanseq.models.config import ConfigBase, ConfigError
+from leanseq.models.layers import RMSNorm
+from leanseq.models.state import State
+from leanseq.ops import causal_conv1d, causal_conv1d_step
+from leanseq.ops.selective_scan import selective_scan_chunked, selective_scan_reference, selective_scan_step
+
+# Which full-sequence scan the model uses: "chunked" (fast) or "reference" (sequential, for checking).
+# Chosen here once; tests may set it. Nothing is probed at import time.
+SCAN_IMPL = "chunked"
+SCAN_CHUNK_SIZE = 64
+
+
+@dataclasses.dataclass
+class MambaConfig(ConfigBase):
+    """Keys and defaults of transformers' MambaConfig (config.json of `mamba` checkpoints)."""
+
+    model_type: ClassVar[str] = "mamba"
+
+    vocab_size: int = 50280
+    hidden_size: int = 768
+    state_size: int = 16
+    num_hidden_layers: int = 32
+    layer_norm_epsilon: float = 1e-5
+    expand: int = 2
+    conv_kernel: int = 4
+    use_bias: bool = False
+    use_conv_bias: bool = True
+    hidden_act: str = "silu"
+    residual_in_fp32: bool = True
+    time_step_rank: int | str = "auto"
+    time_step_scale: float = 1.0
+    time_step_min: float = 0.001
+    time_step_max: float = 0.1
+    time_step_floor: float = 1e-4
+    initializer_range: float = 0.1
+    tie_word_embeddings: bool = True
+    intermediate_size: int | None = None
+
+    def __post_init__(self):
+        if self.time_step_rank == "auto":
+            self.time_step_rank = math.ceil(self.hidden_size / 16)
+        if not isinstance(self.time_step_rank, int):
+            raise ConfigError(f"config key 'time_step_rank' must be an integer or 'auto', got {self.time_step_rank!r}")
+        expected = int(self.expand * self.hidden_size)
+        if self.intermediate_size is None:
+            self.intermediate_size = expected
+        elif self.intermediate_size != expected:
+            raise ConfigError(
+                f"config key 'intermediate_size' is {self.intermediate_size} but expand * hidden_size = {expected}"
+            )
+        if self.hidden_act != "silu":
+            raise ConfigError(f"config key 'hidden_act': only 'silu' is supported, got {self.hidden_act!r}")
+        for key in ("vocab_size", "hidden_size", "state_size", "num_hidden_layers", "conv_kernel", "expand"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
+
+
+@dataclasses.dataclass
+class MambaState(State):
+    conv: torch.Tensor  # (n_layers, B, intermediate, conv_kernel - 1)
+    ssm: torch.Tensor  # (n_layers, B, intermediate, state_size), float32
+
+
+class MambaMixer(nn.Module):
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        d_inner, n, rank = config.intermediate_size, config.state_size, config.time_step_rank
+        self.d_inner, self.state_size, self.rank = d_inner, n, rank
+        self.in_proj = nn.Linear(config.hidden_size, 2 * d_inner, bias=config.use_bias)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, config.conv_kernel, groups=d_inner, bias=config.use_conv_bias)
+        self.x_proj = nn.Linear(d_inner, rank + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(rank, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.out_proj = nn.Linear(d_inner, config.hidden_size, bias=config.use_bias)
+
+    def _ssm_inputs(self, xs: torch.Tensor):
+        """From the conv output to the scan's delta, B, C."""
+        dt, B, C = torch.split(self.x_proj(xs), [self.rank, self.state_size, self.state_size], dim=-1)
+        delta = F.softplus(self.dt_proj(dt).float())  # positive step size, float32 like the reference kernels
+        return delta, B, C
+
+    def forward(self, x, conv_state, ssm_state):
+        """x (B, L, H) -> (out (B, L, H), conv_state, ssm_state)."""
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, D) each
+        xs, conv_state = causal_conv1d(xs, self.conv1d.weight.squeeze(1), self.conv1d.bias, conv_state)
+        delta, B, C = self._ssm_inputs(xs)
+        A = -torch.exp(self.A_log.float())  # (D, N)
+        scan = selective_scan_reference if SCAN_IMPL == "reference" else selective_scan_chunked
+        kwargs = {} if SCAN_IMPL == "reference" else {"chunk_size": SCAN_CHUNK_SIZE}
+        y, ssm_state = scan(xs, delta, A, B, C, self.D, z, initial_state=ssm_state, **kwargs)
+        return self.out_proj(y), conv_state, ssm_state
+
+    def step(self, x, conv_state, ssm_state):
+        """x (B, H) -> (out (B, H), conv_state, ssm_state)."""
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, D)
+        xs, conv_state = causal_conv1d_step(xs, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+        delta, B, C = self._ssm_inputs(xs)
+        A = -torch.exp(self.A_log.float())
+        y, ssm_state = selective_scan_step(ssm_state, xs, delta, A, B, C, self.D, z)
+        return self.out_proj(y), conv_state, ssm_state
+
+
+class MambaBlock(nn.Module):
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mixer = MambaMixer(config)
+
+    def forward(self, x, conv_state, ssm_state, step: bool = False):
+        residual = x.float() if self.residual_in_fp32 else x
+        mix = self.mixer.step if step else self.mixer
+        out, conv_state, ssm_state = mix(self.norm(x.to(self.norm.weight.dtype)), conv_state, ssm_state)
+        return residual + out, conv_state, ssm_state
+
+
+class MambaBackbone(nn.Module):
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(MambaBlock(config) for _ in range(config.num_hidden_layers))
+        self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+
+class MambaLM(LanguageModel):
+    config_class = MambaConfig
+    state_class = MambaState
+    hf_architecture = "MambaForCausalLM"
+
+    def __init__(self, config: MambaConfig):
+        super().__init__(config)
+        self.backbone = MambaBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialisation for training from scratch, following the Mamba reference recipe."""
+        cfg = self.config
+        nn.init.normal_(self.backbone.embeddings.weight, std=0.02)
+        nn.init.normal_(self.lm_head.weight, std=0.02)
+        for block in self.backbone.layers:
+            m = block.mixer
+            for lin in (m.in_proj, m.x_proj, m.out_proj):
+                nn.init.normal_(lin.weight, std=0.02)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+            # out_proj scaled down with depth so the residual stream stays O(1) (GPT-2 / Mamba recipe)
+            m.out_proj.weight.div_(math.sqrt(2 * cfg.num_hidden_layers))
+            dt_std = cfg.time_step_rank**-0.5 * cfg.time_step_scale
+            nn.init.uniform_(m.dt_proj.weight, -dt_std, dt_std)
+            dt = torch.exp(
+                torch.rand(m.d_inner) * (math.log(cfg.time_step_max) - math.log(cfg.time_step_min))
+                + math.log(cfg.time_step_min)
+            ).clamp(min=cfg.time_step_floor)
+            m.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            m.A_log.copy_(torch.log(torch.arange(1, m.state_size + 1, dtype=torch.float32)).repeat(m.d_inner, 1))
+            m.D.fill_(1.0)
+
+    def init_state(self, batch_size: int, device=None) -> MambaState:
+        cfg = self.config
+        device = device if device is not None else self.device
+        dtype = self.backbone.embeddings.weight.dtype
+        n_layers, d = cfg.num_hidden_layers, cfg.intermediate_size
+        return MambaState(
+            position=torch.zeros(batch_size, dtype=torch.long, device=device),
+            conv=torch.zeros(n_layers, batch_size, d, cfg.conv_kernel - 1, dtype=dtype, device=device),
+            ssm=torch.zeros(n_layers, batch_size, d, cfg.state_size, dtype=torch.float32, device=device),
+        )
+
+    def _run(self, hidden, state: MambaState | None, step: bool):
+        convs, ssms = [], []
+        for i, block in enumerate(self.backbone.layers):
+            conv = state.conv[i] if state is not None else None
+            ssm = state.ssm[i] if state is not None else None
+            hidden, conv, ssm = block(hidden, conv, ssm, step=step)
+            convs.append(conv)
+            ssms.append(ssm)
+        hidden = self.backbone.norm_f(hidden.to(self.backbone.norm_f.weight.dtype))
+        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
+        if state is None:
+            return logits, None
+        length = 1 if step else hidden.shape[1]
+        new_state = MambaState(
+            position=state.position + length,
+            conv=torch.stack(convs).to(state.conv.dtype),
+            ssm=torch.stack(ssms).float(),
+        )
+        return logits, new_state
+
+    def _forward(self, input_ids, state):
+        return self._run(self.backbone.embeddings(input_ids), state, step=False)
+
+    def _step(self, token_ids, state):
+        return self._run(self.backbone.embeddings(token_ids), state, step=True)

@@ -1,0 +1,128 @@
+"""Mamba-1 selective scan: a sequential reference, a chunked fast path, and a one-token update.
+
+Shapes (channel-last, like the linear layers around the scan):
+    u, delta, z: (B, L, D)      A: (D, N), negative      B, C: (B, L, N)      D: (D,)
+    state: (B, D, N) float32    y: (B, L, D)
+
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t      (per channel d and state index n)
+    y_t = <h_t, C_t> + D * u_t,   then y_t * silu(z_t) when z is given
+
+`delta` is the discretisation step already made positive by the caller (softplus(dt + bias)).
+Every full-sequence function takes an initial state and returns the final one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _check(u, delta, A, B, C, initial_state):
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, length, channels), got {tuple(u.shape)}")
+    b, length, d = u.shape
+    n = A.shape[-1]
+    if delta.shape != u.shape:
+        raise ValueError(f"delta must match u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if A.shape != (d, n):
+        raise ValueError(f"A must be (channels={d}, state), got {tuple(A.shape)}")
+    if B.shape != (b, length, n) or C.shape != (b, length, n):
+        raise ValueError(f"B and C must be (batch, length, state)=({b}, {length}, {n}); got {tuple(B.shape)}, {tuple(C.shape)}")
+    if initial_state is not None and initial_state.shape != (b, d, n):
+        raise ValueError(f"initial_state must be ({b}, {d}, {n}), got {tuple(initial_state.shape)}")
+
+
+def _finish(y, u, D, z):
+    """Skip connection and gate, shared by every scan variant."""
+    if D is not None:
+        y = y + u.float() * D.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(u.dtype)
+
+
+def selective_scan_reference(u, delta, A, B, C, D=None, z=None, initial_state=None):
+    """The readable definition: one time step at a time, float32 state. Returns (y, final_state)."""
+    _check(u, delta, A, B, C, initial_state)
+    b, length, d = u.shape
+    h = u.new_zeros(b, d, A.shape[-1], dtype=torch.float32) if initial_state is None else initial_state.float()
+    A, uf, df, Bf, Cf = A.float(), u.float(), delta.float(), B.float(), C.float()
+    ys = []
+    for t in range(length):
+        dA = torch.exp(df[:, t, :, None] * A)  # (B, D, N)
+        dBu = (df[:, t] * uf[:, t])[:, :, None] * Bf[:, t, None, :]  # (B, D, N)
+        h = dA * h + dBu
+        ys.append((h * Cf[:, t, None, :]).sum(-1))  # (B, D)
+    y = torch.stack(ys, dim=1) if ys else uf.new_zeros(b, 0, d)
+    return _finish(y, u, D, z), h
+
+
+def _prefix_scan(dA: torch.Tensor, dBu: torch.Tensor):
+    """Inclusive parallel prefix (Hillis-Steele) of h_t = a_t h_{t-1} + x_t along dim 1 in log2(T) steps.
+
+    Returns (cumulative decay P_t, local state X_t) so that h_t = P_t * h_0 + X_t. Only products of decays
+    (each <= 1) are formed, so nothing overflows however strong the decay, unlike a cumsum in log space.
+    """
+    length = dA.shape[1]
+    k = 1
+    while k < length:
+        dBu = torch.cat([dBu[:, :k], torch.addcmul(dBu[:, k:], dA[:, k:], dBu[:, :-k])], dim=1)
+        dA = torch.cat([dA[:, :k], dA[:, k:] * dA[:, :-k]], dim=1)
+        k *= 2
+    return dA, dBu
+
+
+def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, initial_state=None, chunk_size=64, intra_chunk="auto"):
+    """The fast path: the sequence in chunks, state passed from chunk to chunk.
+
+    Only one chunk's (B, T, D, N) tensors exist at a time, never the whole (B, L, D, N). Inside a chunk the
+    recurrence runs either as a parallel prefix scan (log2 T vectorised steps; differentiable, suits GPUs and
+    training) or as a tight in-place loop (fastest on a CPU when no gradient is needed: each step touches only
+    a cache-resident (B, D, N) slice). "auto" picks the loop exactly when no input requires grad on a CPU.
+    """
+    _check(u, delta, A, B, C, initial_state)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    b, length, d = u.shape
+    n = A.shape[-1]
+    if intra_chunk == "auto":
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (u, delta, A, B, C, initial_state)
+        )
+        intra_chunk = "sequential" if (u.device.type == "cpu" and not needs_grad) else "parallel"
+    if intra_chunk not in ("parallel", "sequential"):
+        raise ValueError(f"intra_chunk must be 'auto', 'parallel' or 'sequential', got {intra_chunk!r}")
+    h = u.new_zeros(b, d, n, dtype=torch.float32) if initial_state is None else initial_state.float()
+    A = A.float()
+    ys = []
+    for start in range(0, length, chunk_size):
+        sl = slice(start, start + chunk_size)
+        dt = delta[:, sl].float()  # (B, T, D)
+        dA = torch.exp(dt[..., None] * A)  # (B, T, D, N)
+        dBu = (dt * u[:, sl].float())[..., None] * B[:, sl, None, :].float()  # (B, T, D, N)
+        if intra_chunk == "parallel":
+            P, X = _prefix_scan(dA, dBu)
+            H = torch.addcmul(X, P, h[:, None])  # (B, T, D, N): state after each step
+            h = H[:, -1]
+        else:
+            H = torch.empty_like(dBu)
+            for t in range(dBu.shape[1]):
+                h = torch.addcmul(dBu[:, t], dA[:, t], h, out=H[:, t])
+        ys.append(torch.einsum("btdn,btn->btd", H, C[:, sl].float()))
+    y = torch.cat(ys, dim=1) if ys else u.new_zeros(b, 0, d, dtype=torch.float32)
+    return _finish(y, u, D, z), h.clone() if intra_chunk == "sequential" else h
+
+
+def selective_scan_step(state, u_t, delta_t, A, B_t, C_t, D=None, z_t=None):
+    """One token. state (B, D, N) float32, u_t/delta_t/z_t (B, D), B_t/C_t (B, N) -> (y_t (B, D), new_state).
+
+    Pure: the input state is not modified, so a saved state stays valid after stepping.
+    """
+    if state.dim() != 3 or u_t.dim() != 2:
+        raise ValueError(f"step wants state (B, D, N) and u_t (B, D); got {tuple(state.shape)}, {tuple(u_t.shape)}")
+    dt = delta_t.float()
+    dA = torch.exp(dt[..., None] * A.float())
+    dBu = (dt * u_t.float())[..., None] * B_t.float()[:, None, :]
+    new_state = torch.addcmul(dBu, dA, state.float())
+    y = (new_state * C_t.float()[:, None, :]).sum(-1)
+    return _finish(y, u_t, D, z_t), new_state
