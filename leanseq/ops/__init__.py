@@ -1,5 +1,12 @@
 """Pure tensor functions: scans, SSD, causal conv. Each fast path sits beside its readable reference."""
 
 from leanseq.ops.conv import causal_conv1d, causal_conv1d_step
+from leanseq.ops.selective_scan import selective_scan_chunked, selective_scan_reference, selective_scan_step
 
-__all__ = ["causal_conv1d", "causal_conv1d_step"]
+__all__ = [
+    "causal_conv1d",
+    "causal_conv1d_step",
+    "selective_scan_chunked",
+    "selective_scan_reference",
+    "selective_scan_step",
+]
