@@ -2,6 +2,7 @@
 
 from leanseq.ops.conv import causal_conv1d, causal_conv1d_step
 from leanseq.ops.selective_scan import selective_scan_chunked, selective_scan_reference, selective_scan_step
+from leanseq.ops.ssd import ssd_chunked, ssd_reference, ssd_step
 
 __all__ = [
     "causal_conv1d",
@@ -9,4 +10,7 @@ __all__ = [
     "selective_scan_chunked",
     "selective_scan_reference",
     "selective_scan_step",
+    "ssd_chunked",
+    "ssd_reference",
+    "ssd_step",
 ]
