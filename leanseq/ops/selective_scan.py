@@ -32,12 +32,17 @@ def _check(u, delta, A, B, C, initial_state):
         raise ValueError(f"initial_state must be ({b}, {d}, {n}), got {tuple(initial_state.shape)}")
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """The accumulation dtype: float32 for half/bf16/fp32 inputs, float64 kept (for gradcheck)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _finish(y, u, D, z):
     """Skip connection and gate, shared by every scan variant."""
     if D is not None:
-        y = y + u.float() * D.float()
+        y = y + _acc(u) * _acc(D)
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(_acc(z))
     return y.to(u.dtype)
 
 
@@ -45,8 +50,8 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, initial_state=No
     """The readable definition: one time step at a time, float32 state. Returns (y, final_state)."""
     _check(u, delta, A, B, C, initial_state)
     b, length, d = u.shape
-    h = u.new_zeros(b, d, A.shape[-1], dtype=torch.float32) if initial_state is None else initial_state.float()
-    A, uf, df, Bf, Cf = A.float(), u.float(), delta.float(), B.float(), C.float()
+    A, uf, df, Bf, Cf = _acc(A), _acc(u), _acc(delta), _acc(B), _acc(C)
+    h = uf.new_zeros(b, d, A.shape[-1]) if initial_state is None else _acc(initial_state)
     ys = []
     for t in range(length):
         dA = torch.exp(df[:, t, :, None] * A)  # (B, D, N)
@@ -92,14 +97,14 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, initial_state=None
         intra_chunk = "sequential" if (u.device.type == "cpu" and not needs_grad) else "parallel"
     if intra_chunk not in ("parallel", "sequential"):
         raise ValueError(f"intra_chunk must be 'auto', 'parallel' or 'sequential', got {intra_chunk!r}")
-    h = u.new_zeros(b, d, n, dtype=torch.float32) if initial_state is None else initial_state.float()
-    A = A.float()
+    A = _acc(A)
+    h = A.new_zeros(b, d, n) if initial_state is None else _acc(initial_state)
     ys = []
     for start in range(0, length, chunk_size):
         sl = slice(start, start + chunk_size)
-        dt = delta[:, sl].float()  # (B, T, D)
+        dt = _acc(delta[:, sl])  # (B, T, D)
         dA = torch.exp(dt[..., None] * A)  # (B, T, D, N)
-        dBu = (dt * u[:, sl].float())[..., None] * B[:, sl, None, :].float()  # (B, T, D, N)
+        dBu = (dt * _acc(u[:, sl]))[..., None] * _acc(B[:, sl, None, :])  # (B, T, D, N)
         if intra_chunk == "parallel":
             P, X = _prefix_scan(dA, dBu)
             H = torch.addcmul(X, P, h[:, None])  # (B, T, D, N): state after each step
@@ -108,8 +113,8 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, initial_state=None
             H = torch.empty_like(dBu)
             for t in range(dBu.shape[1]):
                 h = torch.addcmul(dBu[:, t], dA[:, t], h, out=H[:, t])
-        ys.append(torch.einsum("btdn,btn->btd", H, C[:, sl].float()))
-    y = torch.cat(ys, dim=1) if ys else u.new_zeros(b, 0, d, dtype=torch.float32)
+        ys.append(torch.einsum("btdn,btn->btd", H, _acc(C[:, sl])))
+    y = torch.cat(ys, dim=1) if ys else A.new_zeros(b, 0, d)
     return _finish(y, u, D, z), h.clone() if intra_chunk == "sequential" else h
 
 
@@ -120,9 +125,9 @@ def selective_scan_step(state, u_t, delta_t, A, B_t, C_t, D=None, z_t=None):
     """
     if state.dim() != 3 or u_t.dim() != 2:
         raise ValueError(f"step wants state (B, D, N) and u_t (B, D); got {tuple(state.shape)}, {tuple(u_t.shape)}")
-    dt = delta_t.float()
-    dA = torch.exp(dt[..., None] * A.float())
-    dBu = (dt * u_t.float())[..., None] * B_t.float()[:, None, :]
-    new_state = torch.addcmul(dBu, dA, state.float())
-    y = (new_state * C_t.float()[:, None, :]).sum(-1)
+    dt = _acc(delta_t)
+    dA = torch.exp(dt[..., None] * _acc(A))
+    dBu = (dt * _acc(u_t))[..., None] * _acc(B_t)[:, None, :]
+    new_state = torch.addcmul(dBu, dA, _acc(state))
+    y = (new_state * _acc(C_t)[:, None, :]).sum(-1)
     return _finish(y, u_t, D, z_t), new_state
