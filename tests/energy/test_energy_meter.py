@@ -139,9 +139,8 @@ def test_measure_windows_in_a_loop(clocks):
 
 def test_measure_error_propagates_and_leaves_no_window_open():
     meter = Meter("estimate")
-    with pytest.raises(KeyError):
-        with meter.measure("boom") as w:
-            raise KeyError("x")
+    with pytest.raises(KeyError), meter.measure("boom") as w:
+        raise KeyError("x")
     assert w.result is None and meter.measurements == []
     assert meter_mod._ACTIVE == []
 
