@@ -9,6 +9,7 @@ import sys
 # Modules that define `register(subparsers)`; each adds its subcommand(s) and sets `func` on the parser.
 COMMAND_MODULES = [
     "leanseq.models.commands",
+    "leanseq.train.commands",
 ]
 
 
