@@ -1,0 +1,431 @@
+"""A Llama-style causal transformer: the fair baseline for the recurrent models.
+
+    RMSNorm -> grouped-query attention with RoPE (through scaled_dot_product_attention) -> residual
+    RMSNorm -> SwiGLU MLP -> residual, repeated; final RMSNorm; lm_head (optionally tied to the embedding).
+
+Parameter names and config keys are Hugging Face Llama's, so a `position_embedding="rope"` model saves a real
+Llama checkpoint (model_type "llama") that `transformers.LlamaForCausalLM` loads with the same logits, and
+Llama checkpoints load here. The `position_embedding="absolute"` variant (model_type "leanseq_transformer")
+replaces RoPE with learned absolute position embeddings, bounded by max_position_embeddings.
+
+The state is a KV cache (see TransformerState). Its rows may sit at different positions, so a pool of
+independent streams can be stepped as one batch: every row writes its new keys at its own position and
+attends only to its own valid prefix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanseq.models.base import LanguageModel
+from leanseq.models.config import ConfigBase, ConfigError
+from leanseq.models.layers import RMSNorm
+from leanseq.models.state import State
+
+ROPE_MODEL_TYPE = "llama"
+ABSOLUTE_MODEL_TYPE = "leanseq_transformer"
+DEFAULT_ROPE_THETA = 10_000.0
+
+# hidden_act names as transformers' ACT2FN spells them -> the same function in torch
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+# torch >= 2.5 lets SDPA share each key/value head among a group of query heads without copying them
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+# ---- config -------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TransformerConfig(ConfigBase):
+    """Hugging Face LlamaConfig's keys and defaults, plus leanseq's `position_embedding`."""
+
+    model_type: ClassVar[str] = ROPE_MODEL_TYPE  # per instance: "leanseq_transformer" for the absolute variant
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None -> num_attention_heads (plain multi-head attention)
+    head_dim: int | None = None  # None -> hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_parameters: dict | None = None  # None -> {"rope_type": "default", "rope_theta": 10000.0}
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    tie_word_embeddings: bool = False
+    position_embedding: str = "rope"  # leanseq: "rope" | "absolute" (learned, up to max_position_embeddings)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config key {name!r} must be a positive integer, got {getattr(self, name)}")
+        if self.position_embedding not in ("rope", "absolute"):
+            raise ConfigError(f"position_embedding must be 'rope' or 'absolute', got {self.position_embedding!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+            )
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.num_key_value_heads < 1 or self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads {self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim < 1 or (self.position_embedding == "rope" and self.head_dim % 2):
+            raise ConfigError(f"head_dim must be a positive (and, with RoPE, even) integer, got {self.head_dim}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; choose one of {sorted(ACTIVATIONS)}")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ConfigError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
+        self.rope_parameters = _standard_rope_parameters(self.rope_parameters)
+        self.model_type = ROPE_MODEL_TYPE if self.position_embedding == "rope" else ABSOLUTE_MODEL_TYPE
+
+    @property
+    def rope_theta(self) -> float:
+        return float(self.rope_parameters["rope_theta"])
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], strict: bool = True) -> TransformerConfig:
+        data = dict(data)
+        model_type = data.pop("model_type", ROPE_MODEL_TYPE)
+        implied = {ROPE_MODEL_TYPE: "rope", ABSOLUTE_MODEL_TYPE: "absolute"}
+        if model_type not in implied:
+            raise ConfigError(
+                f"config has model_type {model_type!r}, but {cls.__name__} expects "
+                f"{ROPE_MODEL_TYPE!r} or {ABSOLUTE_MODEL_TYPE!r}"
+            )
+        position_embedding = data.setdefault("position_embedding", implied[model_type])
+        if position_embedding != implied[model_type]:
+            raise ConfigError(
+                f"model_type {model_type!r} means position_embedding={implied[model_type]!r}, "
+                f"but the config says {position_embedding!r}"
+            )
+        if data.get("mlp_bias"):
+            raise ConfigError("config key 'mlp_bias': true is not supported (leanseq's MLP has no biases)")
+        # older transformers wrote rope_theta / rope_scaling at the top level; fold them in as transformers does
+        legacy_scaling = data.pop("rope_scaling", None)
+        legacy_theta = data.pop("rope_theta", None)
+        rope = legacy_scaling or data.get("rope_parameters")  # transformers' priority: rope_scaling wins
+        if rope is not None or legacy_theta is not None:
+            if rope is not None and not isinstance(rope, dict):
+                raise ConfigError(f"config key 'rope_parameters' must be a mapping, got {rope!r}")
+            rope = dict(rope or {})
+            if legacy_theta is not None:
+                rope.setdefault("rope_theta", legacy_theta)
+            data["rope_parameters"] = rope
+        return super().from_dict(data, strict=strict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["rope_parameters"] = dict(self.rope_parameters)
+        if self.position_embedding == "rope":
+            out["model_type"] = ROPE_MODEL_TYPE
+            del out["position_embedding"]  # implied by model_type; keeps config.json a plain LlamaConfig
+        else:
+            out["model_type"] = ABSOLUTE_MODEL_TYPE
+        return out
+
+
+def _standard_rope_parameters(rope: dict | None) -> dict:
+    """rope_parameters as transformers 5 writes them: {"rope_type": "default", "rope_theta": float}."""
+    rope = dict(rope or {})
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(
+            f"rope_type {rope_type!r} (RoPE scaling) is not implemented in leanseq; only 'default' RoPE is"
+        )
+    theta = rope.pop("rope_theta", DEFAULT_ROPE_THETA)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+        raise ConfigError(f"rope_theta must be a positive number, got {theta!r}")
+    if rope:
+        raise ConfigError(f"unknown rope_parameters keys {sorted(rope)} for default RoPE (known: rope_type, rope_theta)")
+    return {"rope_theta": float(theta), "rope_type": "default"}
+
+
+# ---- state --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TransformerState(State):
+    """A KV cache. Row b holds position[b] valid entries at the start of its capacity slots.
+
+    Stepping writes the new keys into these buffers in place and returns a state that shares them; the old
+    state's own prefix stays intact, but to branch two continuations from one state, clone() it first.
+    """
+
+    k: torch.Tensor  # (n_layers, B, n_kv_heads, capacity, head_dim)
+    v: torch.Tensor  # (n_layers, B, n_kv_heads, capacity, head_dim)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.k.shape[3])
+
+    def with_capacity(self, capacity: int) -> TransformerState:
+        """The same cache in buffers of `capacity` slots (zero-padded, so masked slots are always finite)."""
+        if capacity == self.capacity:
+            return self
+        if capacity < int(self.position.max()):
+            raise ValueError(f"capacity {capacity} is smaller than a row's position {int(self.position.max())}")
+        keep = min(capacity, self.capacity)
+
+        def resized(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros(*t.shape[:3], capacity, t.shape[4])
+            out[:, :, :, :keep] = t[:, :, :, :keep]
+            return out
+
+        return TransformerState(position=self.position, k=resized(self.k), v=resized(self.v))
+
+    def reserve(self, n_new: int) -> TransformerState:
+        """Room for n_new more tokens in every row: the capacity doubles until they fit (O(log N) copies)."""
+        needed = int(self.position.max()) + n_new
+        capacity = max(self.capacity, 1)
+        while capacity < needed:
+            capacity *= 2
+        return self.with_capacity(capacity)
+
+    @classmethod
+    def concat(cls, states: list[State]) -> State:
+        if states and all(isinstance(s, TransformerState) for s in states):
+            first = states[0]
+
+            def layout(s):  # (n_layers, n_kv_heads, head_dim): what must agree between caches
+                return s.k.shape[0], s.k.shape[2], s.k.shape[4]
+
+            for s in states[1:]:
+                if layout(s) != layout(first):
+                    raise ValueError(
+                        f"cannot concatenate KV caches of different models: {tuple(s.k.shape)} vs {tuple(first.k.shape)}"
+                    )
+                if s.k.dtype != first.k.dtype:
+                    raise ValueError(f"cannot concatenate KV caches of dtypes {first.k.dtype} and {s.k.dtype}")
+            capacity = max(s.capacity for s in states)
+            states = [s.with_capacity(capacity) for s in states]
+        return super().concat(states)
+
+
+# ---- model --------------------------------------------------------------------------------------------------
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, L, D); cos, sin (B or 1, L, D): rotate each pair (i, i + D/2) by its position's angle."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.dropout = config.attention_dropout
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(self, x, rope, cache=None):
+        """x (B, L, D); rope (cos, sin) or None; cache (k_cache, v_cache, write_at, mask) or None."""
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
+        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, L, hd)
+        v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        dropout = self.dropout if self.training else 0.0
+        groups = self.n_heads // self.n_kv_heads
+        if cache is None:
+            if groups > 1 and not _SDPA_HAS_GQA:
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            gqa = {"enable_gqa": True} if groups > 1 and _SDPA_HAS_GQA else {}
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, **gqa)
+        else:
+            k_cache, v_cache, write_at, mask = cache
+            rows = torch.arange(B, device=x.device)[:, None]
+            # row b's L new entries go to slots position[b] .. position[b] + L - 1: (B, L, KV, hd) by indexing
+            k_cache[rows, :, write_at] = k.transpose(1, 2)
+            v_cache[rows, :, write_at] = v.transpose(1, 2)
+            keys, values = k_cache[:, :, : mask.shape[-1]], v_cache[:, :, : mask.shape[-1]]  # (B, KV, S, hd)
+            # the query heads sharing a key/value head become one longer query, so the cache is never copied
+            q = q.reshape(B, self.n_kv_heads, groups * L, self.head_dim)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout)
+            y = y.view(B, self.n_heads, L, self.head_dim)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TransformerBody(nn.Module):
+    """Hugging Face's `model.` prefix: embeddings, blocks, final norm."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.position_embedding == "absolute":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class TransformerLM(LanguageModel):
+    config_class = TransformerConfig
+    state_class = TransformerState
+    hf_architecture = "LlamaForCausalLM"
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__(config)
+        self.model = TransformerBody(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}  # float32 RoPE frequencies per device
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Small-normal init for training from scratch; residual outputs scaled by 1/sqrt(2 * n_layers)."""
+        std = 0.02
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+            else:
+                nn.init.normal_(p, std=std)
+
+    # ---- positions ------------------------------------------------------------------------------------------
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin of shape (B or 1, L, head_dim) for integer positions (B or 1, L), as transformers computes them."""
+        device = positions.device
+        if device not in self._inv_freq:
+            dim = self.config.head_dim
+            exponents = torch.arange(0, dim, 2, dtype=torch.float) / dim
+            self._inv_freq[device] = (1.0 / (self.config.rope_theta ** exponents)).to(device)
+        freqs = positions[..., None].float() * self._inv_freq[device]  # (B, L, hd/2), float32 whatever the dtype
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def _check_positions(self, last_position: int) -> None:
+        limit = self.config.max_position_embeddings
+        if self.config.position_embedding == "absolute" and last_position >= limit:
+            raise ValueError(
+                f"position {last_position} is past max_position_embeddings={limit} of this absolute-position "
+                f"model; it has no embedding for positions >= {limit}"
+            )
+
+    # ---- state ----------------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, device=None, capacity: int = 64) -> TransformerState:
+        """An empty KV cache for batch_size rows with `capacity` slots each (it doubles when full)."""
+        if batch_size < 1 or capacity < 1:
+            raise ValueError(f"batch_size and capacity must be >= 1, got {batch_size} and {capacity}")
+        cfg = self.config
+        if cfg.position_embedding == "absolute":
+            capacity = min(capacity, cfg.max_position_embeddings)
+        device = self.lm_head.weight.device if device is None else device
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, capacity, cfg.head_dim)
+        # zeros, not empty: slots past a row's position are masked, and a masked NaN would still poison softmax
+        k = torch.zeros(shape, dtype=self.lm_head.weight.dtype, device=device)
+        return TransformerState(
+            position=torch.zeros(batch_size, dtype=torch.long, device=device), k=k, v=torch.zeros_like(k)
+        )
+
+    def _check_cache(self, state: TransformerState) -> None:
+        cfg = self.config
+        expected = (cfg.num_hidden_layers, state.batch_size, cfg.num_key_value_heads, cfg.head_dim)
+        found = tuple(state.k.shape[:3]) + (state.k.shape[4],)
+        if state.k.dim() != 5 or found != expected or state.v.shape != state.k.shape:
+            raise ValueError(
+                f"KV cache shape {tuple(state.k.shape)} does not fit this model "
+                f"(n_layers, B, n_kv_heads, capacity, head_dim) = {expected[:3] + ('*', expected[3])}"
+            )
+        dtype = self.lm_head.weight.dtype
+        if state.k.dtype != dtype or state.v.dtype != dtype:
+            raise TypeError(f"KV cache dtype {state.k.dtype} differs from the model's {dtype}; init a new state")
+        if state.k.device != self.lm_head.weight.device:
+            raise ValueError(f"KV cache is on {state.k.device} but the model is on {self.lm_head.weight.device}")
+        if int(state.position.min()) < 0 or int(state.position.max()) > state.capacity:
+            raise ValueError(f"state positions {state.position.tolist()} do not fit its capacity {state.capacity}")
+
+    # ---- forward --------------------------------------------------------------------------------------------
+    def _forward(self, input_ids: torch.Tensor, state: TransformerState | None):
+        L = input_ids.shape[1]
+        steps = torch.arange(L, device=input_ids.device)
+        if state is None:
+            positions = steps[None]  # (1, L), shared by every row
+            self._check_positions(L - 1)
+        else:
+            self._check_cache(state)
+            positions = state.position[:, None] + steps  # (B, L): each row continues from its own position
+            self._check_positions(int(state.position.max()) + L - 1)
+            state = state.reserve(L)
+        x = self.model.embed_tokens(input_ids)  # (B, L, D)
+        rope = None
+        if self.config.position_embedding == "absolute":
+            x = x + self.model.embed_positions(positions)
+        else:
+            rope = self._rope(positions, x.dtype)
+        if state is None:
+            for block in self.model.layers:
+                x = block(x, rope)
+        else:
+            kv_len = int(state.position.max()) + L
+            # query t of row b (at position[b] + t) sees cache slots 0 .. position[b] + t: causal and within
+            # its own valid prefix. Repeated per query head of a group, matching the grouped query layout.
+            mask = torch.arange(kv_len, device=x.device) <= positions[:, :, None]  # (B, L, S)
+            groups = self.config.num_attention_heads // self.config.num_key_value_heads
+            mask = mask.repeat(1, groups, 1)[:, None]  # (B, 1, groups * L, S)
+            for i, block in enumerate(self.model.layers):
+                x = block(x, rope, (state.k[i], state.v[i], positions, mask))
+            state = TransformerState(position=state.position + L, k=state.k, v=state.v)
+        logits = self.lm_head(self.model.norm(x))  # (B, L, V)
+        return logits, state
+
+    def _step(self, token_ids: torch.Tensor, state: TransformerState):
+        logits, state = self._forward(token_ids[:, None], state)
+        return logits[:, 0], state
+
+
+__all__ = ["TransformerConfig", "TransformerLM", "TransformerState"]
