@@ -220,3 +220,16 @@ def test_import_probes_nothing():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_module_entry_point_reports_method_and_reason(capsys, tmp_path, monkeypatch):
+    from leanseq.energy import backends
+    from leanseq.energy.__main__ import main
+
+    monkeypatch.setattr(backends, "DEFAULT_POWERCAP_ROOT", str(tmp_path / "absent"))
+
+    assert main(["--cpu-watts", "9", "--grid-intensity", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "backend: estimate" in out and "9 W/core (cpu_watts= watts)" in out and "20 gCO2e/kWh" in out
+    assert main(["--energy-backend", "rapl"]) == 1
+    assert "no powercap tree" in capsys.readouterr().err
