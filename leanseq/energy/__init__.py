@@ -16,8 +16,9 @@
 Backends (argument `backend=`, else env LEANSEQ_ENERGY_BACKEND, else "auto"):
 - "rapl": Linux powercap counters (root configurable, default /sys/class/powercap). Sums the package zones
   intel-rapl:N (named package-N) read as cumulative `energy_uj` at start and end; one wrap-around per window
-  is corrected with `max_energy_range_uj`; subzones intel-rapl:N:M and psys are skipped, as they overlap the
-  packages. Whole-socket energy: other processes on the machine count too. Since 2020 (CVE-2020-8694) the
+  is corrected with `max_energy_range_uj` (a second wrap, after roughly range / package watts, typically tens
+  of minutes, cannot be seen: meter long runs in laps); subzones intel-rapl:N:M and psys are skipped, as
+  they overlap the packages. Whole-socket energy: other processes on the machine count too. Since 2020 (CVE-2020-8694) the
   counters are root-only; run as root or `sudo chmod a+r /sys/class/powercap/intel-rapl:*/energy_uj`.
 - "nvml": the GPU's cumulative total-energy counter (nvmlDeviceGetTotalEnergyConsumption, millijoules,
   Volta and newer) through nvidia-ml-py (`pip install nvidia-ml-py`, or the `leanseq[nvml]` extra), imported
