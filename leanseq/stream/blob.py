@@ -1,0 +1,234 @@
+"""The byte format of a saved stream, and the model fingerprint that ties it to one model.
+
+Layout (all integers little-endian):
+
+    magic            8 bytes   b"LSQSTATE"
+    version          uint32    FORMAT_VERSION
+    header_len       uint32
+    header           header_len bytes of UTF-8 JSON: model fingerprint, session info, payload_len
+    payload          payload_len bytes: safetensors (the state's tensors as "state.<field>", "last_logits")
+    checksum         32 bytes: sha256 of everything before it
+
+Reading checks, in order: magic, version, length (truncated?), checksum (corrupt?), fingerprint (another
+model?), then the tensors against the model's own init_state. Each failure raises a StateBlobError that
+says which check failed. Tensors go through safetensors, so loading a blob never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import weakref
+from pathlib import Path
+
+import torch
+
+MAGIC = b"LSQSTATE"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<8sII")  # magic, version, header_len
+_DIGEST_BYTES = 32
+_MAX_HEADER_BYTES = 1 << 20  # a real header is a few hundred bytes; more means a corrupt length field
+STATE_PREFIX = "state."
+LAST_LOGITS = "last_logits"
+
+
+class StateBlobError(ValueError):
+    """A saved stream is not a leanseq state blob, is truncated or corrupt, or has an unsupported version."""
+
+
+class StateMismatchError(StateBlobError):
+    """A saved stream belongs to another model (type, config or weights differ)."""
+
+
+# ---- model fingerprint ------------------------------------------------------------------------------------
+_weights_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def config_hash(model) -> str:
+    return hashlib.sha256(model.config.to_json().encode()).hexdigest()
+
+
+def weights_hash(model) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes).
+
+    Cached per model and recomputed only when a tensor is replaced or modified in place (torch bumps a
+    tensor's version counter on every in-place write, load_state_dict and optimiser steps included).
+    """
+    tensors = dict(model.state_dict(keep_vars=True))
+    key = tuple((name, t.data_ptr(), t._version, str(t.dtype), str(t.device)) for name, t in sorted(tensors.items()))
+    cached = _weights_cache.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    digest = hashlib.sha256()
+    seen: dict[int, str] = {}  # id -> first name: tied weights appear under two names as one Parameter
+    with torch.no_grad():
+        for name, t in sorted(tensors.items()):
+            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            if id(t) in seen:
+                digest.update(f"alias:{seen[id(t)]}".encode())
+                continue
+            seen[id(t)] = name
+            raw = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+            digest.update(raw.numpy().tobytes())
+    value = digest.hexdigest()
+    _weights_cache[model] = (key, value)
+    return value
+
+
+def fingerprint(model, include_weights: bool = True) -> dict:
+    """What a blob must match to be restored into `model`."""
+    return {
+        "model_class": type(model).__name__,
+        "model_type": str(model.config.model_type),
+        "state_class": model.state_class.__name__,
+        "config_sha256": config_hash(model),
+        "weights_sha256": weights_hash(model) if include_weights else None,
+    }
+
+
+def check_fingerprint(model, saved: dict, check_weights: bool = True) -> None:
+    mine = fingerprint(model, include_weights=False)
+    for key, what in (("model_type", "model_type"), ("model_class", "model class"), ("state_class", "state class")):
+        if saved.get(key) != mine[key]:
+            raise StateMismatchError(
+                f"state blob belongs to another model: it was saved for {what} {saved.get(key)!r}, "
+                f"this model is {mine[key]!r}"
+            )
+    if saved.get("config_sha256") != mine["config_sha256"]:
+        raise StateMismatchError(
+            f"state blob belongs to another model: same model_type {mine['model_type']!r} but a different config "
+            f"(config sha256 {str(saved.get('config_sha256'))[:12]}... vs this model's {mine['config_sha256'][:12]}...)"
+        )
+    if check_weights and saved.get("weights_sha256") is not None:
+        mine_w = weights_hash(model)
+        if saved["weights_sha256"] != mine_w:
+            raise StateMismatchError(
+                "state blob belongs to another model: same config but different weights "
+                f"(weights sha256 {saved['weights_sha256'][:12]}... vs this model's {mine_w[:12]}...); "
+                "pass check_weights=False to restore it anyway"
+            )
+
+
+# ---- encode / decode --------------------------------------------------------------------------------------
+def encode(model, state, last_logits, session_info: dict, include_weights_hash: bool = True) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {STATE_PREFIX + name: t.detach().contiguous().cpu() for name, t in state.tensors().items()}
+    if last_logits is not None:
+        tensors[LAST_LOGITS] = last_logits.detach().contiguous().cpu()
+    payload = save(tensors)
+    header = {
+        "fingerprint": fingerprint(model, include_weights=include_weights_hash),
+        "session": session_info,
+        "payload_len": len(payload),
+    }
+    header_bytes = json.dumps(header, sort_keys=True).encode()
+    body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes + payload
+    return body + hashlib.sha256(body).digest()
+
+
+def read_header(blob: bytes) -> tuple[dict, bytes]:
+    """Check framing, version, length and checksum; return (header, payload bytes)."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise TypeError(f"a state blob is bytes, got {type(blob).__name__}")
+    blob = bytes(blob)
+    if len(blob) < len(MAGIC) and MAGIC.startswith(blob):
+        raise StateBlobError(f"state blob is truncated: {len(blob)} bytes, too short for even the format magic")
+    if blob[: len(MAGIC)] != MAGIC:
+        raise StateBlobError(
+            f"not a leanseq stream state: it starts with {blob[:len(MAGIC)]!r}, expected the magic {MAGIC!r}"
+        )
+    if len(blob) < _PREFIX.size:
+        raise StateBlobError(f"state blob is truncated: {len(blob)} bytes, shorter than its {_PREFIX.size}-byte prefix")
+    _, version, header_len = _PREFIX.unpack_from(blob)
+    if version != FORMAT_VERSION:
+        newer = " (written by a newer leanseq)" if version > FORMAT_VERSION else ""
+        raise StateBlobError(
+            f"state blob has format version {version}{newer}; this leanseq reads version {FORMAT_VERSION}"
+        )
+    if header_len > _MAX_HEADER_BYTES:
+        raise StateBlobError(f"state blob is corrupt: its header length field says {header_len} bytes")
+    header_end = _PREFIX.size + header_len
+    if len(blob) < header_end + _DIGEST_BYTES:
+        raise StateBlobError(
+            f"state blob is truncated: {len(blob)} bytes, but its header alone needs {header_end + _DIGEST_BYTES}"
+        )
+    try:
+        header = json.loads(blob[_PREFIX.size : header_end].decode())
+        if not isinstance(header, dict):
+            raise TypeError(f"header is a {type(header).__name__}, not a JSON object")
+        payload_len = int(header["payload_len"])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise StateBlobError(f"state blob is corrupt: its header cannot be read ({exc})") from exc
+    expected = header_end + payload_len + _DIGEST_BYTES
+    if len(blob) < expected:
+        raise StateBlobError(f"state blob is truncated: {len(blob)} bytes of the {expected} its header announces")
+    if len(blob) > expected:
+        raise StateBlobError(
+            f"state blob is corrupt: {len(blob) - expected} unexpected bytes after the {expected} its header announces"
+        )
+    body, digest = blob[:-_DIGEST_BYTES], blob[-_DIGEST_BYTES:]
+    if hashlib.sha256(body).digest() != digest:
+        raise StateBlobError("state blob is corrupt: sha256 checksum mismatch (the bytes changed after saving)")
+    return header, body[header_end:]
+
+
+def decode(model, blob: bytes, check_weights: bool = True):
+    """blob -> (state on the model's device, last_logits or None, session info). Raises StateBlobError."""
+    from safetensors.torch import load
+
+    header, payload = read_header(blob)
+    check_fingerprint(model, header.get("fingerprint") or {}, check_weights)
+    info = header.get("session") or {}
+    for key in ("batch_size", "position", "prefill_chunk_size"):
+        if not isinstance(info.get(key), int):
+            raise StateBlobError(f"state blob is corrupt: session field {key!r} is missing or not an integer")
+    try:
+        tensors = load(payload)
+    except Exception as exc:  # safetensors raises its own error types
+        raise StateBlobError(f"state blob is corrupt: its tensors cannot be read ({exc})") from exc
+    device = model.device
+    last_logits = tensors.pop(LAST_LOGITS, None)
+    fields = {k[len(STATE_PREFIX) :]: v.to(device) for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
+    unknown = sorted(k for k in tensors if not k.startswith(STATE_PREFIX))
+    reference = model.init_state(1).tensors()
+    if unknown or set(fields) != set(reference):
+        raise StateBlobError(
+            f"state blob does not hold a {model.state_class.__name__}: fields {sorted(fields)}, "
+            f"expected {sorted(reference)}" + (f"; unexpected entries {unknown}" if unknown else "")
+        )
+    for name, t in fields.items():
+        ref = reference[name]
+        batch_dim = 0 if name == "position" else 1
+        if t.dtype != ref.dtype or t.dim() != ref.dim() or t.shape[batch_dim] != info["batch_size"]:
+            raise StateBlobError(
+                f"state blob field {name!r} is {t.dtype} {tuple(t.shape)}, which does not fit this model's "
+                f"{ref.dtype} state of {info['batch_size']} rows"
+            )
+    state = model.state_class(**fields)
+    if last_logits is not None:
+        last_logits = last_logits.to(device)
+    return state, last_logits, info
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write data to path via a temporary sibling, fsync and os.replace: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
