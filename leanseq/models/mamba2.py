@@ -1,0 +1,270 @@
+"""Mamba-2 language model (Dao & Gu 2024), loading and saving Hugging Face `mamba2` checkpoints.
+
+Parameter names equal transformers' Mamba2ForCausalLM, so a state_dict moves between the two unchanged.
+Each mixer projects the input once into (z, xBC, dt); xBC goes through a causal depthwise conv, then the
+SSD scan mixes x over time with per-head scalar decays, and z gates the result inside a grouped RMSNorm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanseq.models.base import LanguageModel
+from leanseq.models.config import ConfigBase, ConfigError
+from leanseq.models.layers import GatedRMSNorm, RMSNorm
+from leanseq.models.state import State
+from leanseq.ops import causal_conv1d, causal_conv1d_step
+from leanseq.ops.ssd import ssd_chunked, ssd_reference, ssd_step
+
+# Which full-sequence scan the model uses: "chunked" (fast) or "reference" (sequential, for checking).
+# Chosen here once; tests may set it. Nothing is probed at import time.
+SCAN_IMPL = "chunked"
+# Chunk length of the chunked scan; None uses the config's chunk_size. The result does not depend on it.
+SCAN_CHUNK_SIZE: int | None = None
+
+
+def _json_float(value):
+    """transformers >= 5 writes infinities into config.json as {"__float__": "Infinity"}; read that back."""
+    if isinstance(value, dict) and set(value) == {"__float__"}:
+        special = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+        if value["__float__"] in special:
+            return special[value["__float__"]]
+    return value
+
+
+@dataclasses.dataclass
+class Mamba2Config(ConfigBase):
+    """Keys and defaults of transformers' Mamba2Config (config.json of `mamba2` checkpoints)."""
+
+    model_type: ClassVar[str] = "mamba2"
+
+    num_heads: int = 128
+    head_dim: int = 64
+    vocab_size: int = 32768
+    hidden_size: int = 4096
+    state_size: int = 128
+    num_hidden_layers: int = 64
+    layer_norm_epsilon: float = 1e-5
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 2
+    expand: int = 2
+    conv_kernel: int = 4
+    n_groups: int = 8
+    use_bias: bool = False
+    use_conv_bias: bool = True
+    hidden_act: str = "silu"
+    initializer_range: float = 0.1
+    residual_in_fp32: bool = True
+    time_step_rank: int | str = "auto"
+    time_step_min: float = 0.001
+    time_step_max: float = 0.1
+    time_step_floor: float = 1e-4
+    time_step_limit: tuple[float, float] = (0.0, math.inf)
+    rescale_prenorm_residual: bool = False
+    chunk_size: int = 256
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.time_step_rank == "auto":
+            self.time_step_rank = math.ceil(self.hidden_size / 16)
+        if not isinstance(self.time_step_rank, int):
+            raise ConfigError(f"config key 'time_step_rank' must be an integer or 'auto', got {self.time_step_rank!r}")
+        for key in ("vocab_size", "hidden_size", "num_heads", "head_dim", "state_size", "num_hidden_layers",
+                    "expand", "conv_kernel", "n_groups", "chunk_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
+        if self.hidden_size * self.expand != self.num_heads * self.head_dim:
+            raise ConfigError(
+                f"inconsistent config: hidden_size * expand = {self.hidden_size} * {self.expand} = "
+                f"{self.hidden_size * self.expand} must equal num_heads * head_dim = {self.num_heads} * "
+                f"{self.head_dim} = {self.num_heads * self.head_dim}"
+            )
+        if self.num_heads % self.n_groups:
+            raise ConfigError(f"config key 'num_heads' ({self.num_heads}) must be a multiple of "
+                              f"'n_groups' ({self.n_groups})")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"config key 'hidden_act': only 'silu' is supported, got {self.hidden_act!r}")
+        limit = tuple(_json_float(v) for v in self.time_step_limit)
+        if len(limit) != 2 or not all(isinstance(v, (int, float)) for v in limit) or not 0 <= limit[0] <= limit[1]:
+            raise ConfigError(f"config key 'time_step_limit' must be [low, high] with 0 <= low <= high, "
+                              f"got {self.time_step_limit!r}")
+        self.time_step_limit = (float(limit[0]), float(limit[1]))
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels through the conv: x, then B and C for every group."""
+        return self.intermediate_size + 2 * self.n_groups * self.state_size
+
+
+@dataclasses.dataclass
+class Mamba2State(State):
+    conv: torch.Tensor  # (n_layers, B, conv_dim, conv_kernel - 1), model dtype
+    ssm: torch.Tensor  # (n_layers, B, num_heads, head_dim, state_size), float32
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config: Mamba2Config):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.n_groups, self.state_size = config.n_groups, config.state_size
+        self.d_inner, self.conv_dim = config.intermediate_size, config.conv_dim
+        self.chunk_size = config.chunk_size
+        self.time_step_limit = config.time_step_limit
+        self.in_proj = nn.Linear(config.hidden_size, self.d_inner + self.conv_dim + self.num_heads,
+                                 bias=config.use_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.conv_kernel, groups=self.conv_dim,
+                                bias=config.use_conv_bias)
+        self.dt_bias = nn.Parameter(torch.zeros(self.num_heads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm = GatedRMSNorm(self.d_inner, n_groups=self.n_groups, eps=config.layer_norm_epsilon)
+        self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=config.use_bias)
+
+    def _split(self, zxbcdt: torch.Tensor):
+        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+
+    def _ssm_params(self, xbc: torch.Tensor, dt: torch.Tensor):
+        """Conv output (..., conv_dim) and raw dt (..., heads) -> x, B, C (grouped views), positive dt, A."""
+        x, B, C = torch.split(xbc, [self.d_inner, self.n_groups * self.state_size,
+                                    self.n_groups * self.state_size], dim=-1)
+        lead = x.shape[:-1]
+        # step size in float32 like the reference kernels, clamped to the config's limit
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.time_step_limit)
+        A = -torch.exp(self.A_log.float())  # (heads,) negative: every head decays
+        return (x.reshape(*lead, self.num_heads, self.head_dim), B.reshape(*lead, self.n_groups, self.state_size),
+                C.reshape(*lead, self.n_groups, self.state_size), dt, A)
+
+    def forward(self, hidden, conv_state, ssm_state):
+        """hidden (B, L, H) -> (out (B, L, H), conv_state, ssm_state)."""
+        z, xbc, dt = self._split(self.in_proj(hidden))
+        xbc, conv_state = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, conv_state)
+        x, B, C, dt, A = self._ssm_params(xbc, dt)
+        if SCAN_IMPL == "reference":
+            y, ssm_state = ssd_reference(x, dt, A, B, C, self.D, initial_state=ssm_state)
+        else:
+            chunk = SCAN_CHUNK_SIZE or self.chunk_size
+            y, ssm_state = ssd_chunked(x, dt, A, B, C, self.D, initial_state=ssm_state, chunk_size=chunk)
+        y = self.norm(y.reshape(*y.shape[:2], self.d_inner), z)
+        return self.out_proj(y.to(hidden.dtype)), conv_state, ssm_state
+
+    def step(self, hidden, conv_state, ssm_state):
+        """hidden (B, H) -> (out (B, H), conv_state, ssm_state)."""
+        z, xbc, dt = self._split(self.in_proj(hidden))
+        xbc, conv_state = causal_conv1d_step(xbc, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias)
+        x, B, C, dt, A = self._ssm_params(xbc, dt)
+        y, ssm_state = ssd_step(ssm_state, x, dt, A, B, C, self.D)
+        y = self.norm(y.reshape(y.shape[0], self.d_inner), z)
+        return self.out_proj(y.to(hidden.dtype)), conv_state, ssm_state
+
+
+class Mamba2Block(nn.Module):
+    def __init__(self, config: Mamba2Config):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mixer = Mamba2Mixer(config)
+
+    def forward(self, x, conv_state, ssm_state, step: bool = False):
+        residual = x.float() if self.residual_in_fp32 else x
+        mix = self.mixer.step if step else self.mixer
+        out, conv_state, ssm_state = mix(self.norm(x.to(self.norm.weight.dtype)), conv_state, ssm_state)
+        return residual + out, conv_state, ssm_state
+
+
+class Mamba2Backbone(nn.Module):
+    def __init__(self, config: Mamba2Config):
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Mamba2Block(config) for _ in range(config.num_hidden_layers))
+        self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+
+class Mamba2LM(LanguageModel):
+    config_class = Mamba2Config
+    state_class = Mamba2State
+    hf_architecture = "Mamba2ForCausalLM"
+
+    def __init__(self, config: Mamba2Config):
+        super().__init__(config)
+        self.backbone = Mamba2Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialisation for training from scratch, following the Mamba-2 reference recipe."""
+        cfg = self.config
+        nn.init.normal_(self.backbone.embeddings.weight, std=0.02)
+        nn.init.normal_(self.lm_head.weight, std=0.02)
+        for block in self.backbone.layers:
+            m = block.mixer
+            for lin in (m.in_proj, m.out_proj):
+                nn.init.normal_(lin.weight, std=0.02)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+            # out_proj scaled down with depth so the residual stream stays O(1) (GPT-2 / Mamba recipe)
+            m.out_proj.weight.div_(math.sqrt(2 * cfg.num_hidden_layers))
+            m.conv1d.reset_parameters()
+            # S4D-real style decays: head i forgets at rate i, so heads cover several time scales
+            m.A_log.copy_(torch.log(torch.arange(1, m.num_heads + 1, dtype=torch.float32)))
+            m.D.fill_(1.0)
+            # dt log-uniform in [time_step_min, time_step_max]; dt_bias is its inverse softplus
+            dt = torch.exp(
+                torch.rand(m.num_heads) * (math.log(cfg.time_step_max) - math.log(cfg.time_step_min))
+                + math.log(cfg.time_step_min)
+            ).clamp(min=cfg.time_step_floor)
+            m.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            m.norm.weight.fill_(1.0)
+            block.norm.weight.fill_(1.0)
+        self.backbone.norm_f.weight.fill_(1.0)
+
+    def init_state(self, batch_size: int, device=None) -> Mamba2State:
+        cfg = self.config
+        device = device if device is not None else self.device
+        dtype = self.backbone.embeddings.weight.dtype
+        n_layers = cfg.num_hidden_layers
+        return Mamba2State(
+            position=torch.zeros(batch_size, dtype=torch.long, device=device),
+            conv=torch.zeros(n_layers, batch_size, cfg.conv_dim, cfg.conv_kernel - 1, dtype=dtype, device=device),
+            ssm=torch.zeros(n_layers, batch_size, cfg.num_heads, cfg.head_dim, cfg.state_size,
+                            dtype=torch.float32, device=device),
+        )
+
+    def _run(self, hidden, state: Mamba2State | None, step: bool):
+        convs, ssms = [], []
+        for i, block in enumerate(self.backbone.layers):
+            conv = state.conv[i] if state is not None else None
+            ssm = state.ssm[i] if state is not None else None
+            hidden, conv, ssm = block(hidden, conv, ssm, step=step)
+            convs.append(conv)
+            ssms.append(ssm)
+        hidden = self.backbone.norm_f(hidden)
+        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
+        if state is None:
+            return logits, None
+        length = 1 if step else hidden.shape[1]
+        new_state = Mamba2State(
+            position=state.position + length,
+            conv=torch.stack(convs).to(state.conv.dtype),
+            ssm=torch.stack(ssms).float(),
+        )
+        return logits, new_state
+
+    def _forward(self, input_ids, state):
+        return self._run(self.backbone.embeddings(input_ids), state, step=False)
+
+    def _step(self, token_ids, state):
+        return self._run(self.backbone.embeddings(token_ids), state, step=True)
