@@ -75,7 +75,9 @@ class Mamba2Config(ConfigBase):
         if self.time_step_rank == "auto":
             self.time_step_rank = math.ceil(self.hidden_size / 16)
         if not isinstance(self.time_step_rank, int):
-            raise ConfigError(f"config key 'time_step_rank' must be an integer or 'auto', got {self.time_step_rank!r}")
+            raise ConfigError(
+                f"config key 'time_step_rank' must be an integer or 'auto', got {self.time_step_rank!r}"
+            )
         for key in ("vocab_size", "hidden_size", "num_heads", "head_dim", "state_size", "num_hidden_layers",
                     "expand", "conv_kernel", "n_groups", "chunk_size"):
             if getattr(self, key) < 1:
@@ -92,7 +94,8 @@ class Mamba2Config(ConfigBase):
         if self.hidden_act != "silu":
             raise ConfigError(f"config key 'hidden_act': only 'silu' is supported, got {self.hidden_act!r}")
         limit = tuple(_json_float(v) for v in self.time_step_limit)
-        if len(limit) != 2 or not all(isinstance(v, (int, float)) for v in limit) or not 0 <= limit[0] <= limit[1]:
+        numbers = len(limit) == 2 and all(isinstance(v, (int, float)) for v in limit)
+        if not numbers or not 0 <= limit[0] <= limit[1]:
             raise ConfigError(f"config key 'time_step_limit' must be [low, high] with 0 <= low <= high, "
                               f"got {self.time_step_limit!r}")
         self.time_step_limit = (float(limit[0]), float(limit[1]))
@@ -142,8 +145,10 @@ class Mamba2Mixer(nn.Module):
         # step size in float32 like the reference kernels, clamped to the config's limit
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.time_step_limit)
         A = -torch.exp(self.A_log.float())  # (heads,) negative: every head decays
-        return (x.reshape(*lead, self.num_heads, self.head_dim), B.reshape(*lead, self.n_groups, self.state_size),
-                C.reshape(*lead, self.n_groups, self.state_size), dt, A)
+        x = x.reshape(*lead, self.num_heads, self.head_dim)
+        B = B.reshape(*lead, self.n_groups, self.state_size)
+        C = C.reshape(*lead, self.n_groups, self.state_size)
+        return x, B, C, dt, A
 
     def forward(self, hidden, conv_state, ssm_state):
         """hidden (B, L, H) -> (out (B, L, H), conv_state, ssm_state)."""
@@ -238,7 +243,8 @@ class Mamba2LM(LanguageModel):
         n_layers = cfg.num_hidden_layers
         return Mamba2State(
             position=torch.zeros(batch_size, dtype=torch.long, device=device),
-            conv=torch.zeros(n_layers, batch_size, cfg.conv_dim, cfg.conv_kernel - 1, dtype=dtype, device=device),
+            conv=torch.zeros(n_layers, batch_size, cfg.conv_dim, cfg.conv_kernel - 1, dtype=dtype,
+                             device=device),
             ssm=torch.zeros(n_layers, batch_size, cfg.num_heads, cfg.head_dim, cfg.state_size,
                             dtype=torch.float32, device=device),
         )

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """float32, or float64 when any input is float64 (so gradcheck can run in double precision)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    double = any(t is not None and t.dtype == torch.float64 for t in tensors)
+    return torch.float64 if double else torch.float32
 
 
 def _check_args(x, dt, A, B, C, D, initial_state) -> tuple[int, int, int, int, int, int]:
@@ -91,7 +92,7 @@ def ssd_step(
     C_t: torch.Tensor,
     D: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token: state (b, h, p, n), x_t (b, h, p), dt_t (b, h), B_t/C_t (b, g, n) -> (y_t (b, h, p), new state).
+    """One token: state (b, h, p, n), x_t (b, h, p), dt_t (b, h), B_t/C_t (b, g, n) -> (y_t (b, h, p), state).
 
     The input state is left untouched; the new state has the input state's dtype.
     """
@@ -102,7 +103,8 @@ def ssd_step(
     if C_t.shape != B_t.shape:
         raise ValueError(f"C_t must have B_t's shape {tuple(B_t.shape)}, got {tuple(C_t.shape)}")
     if state.shape != (b, h, p, n):
-        raise ValueError(f"state must be (batch, heads, head_dim, state) = {(b, h, p, n)}, got {tuple(state.shape)}")
+        raise ValueError(f"state must be (batch, heads, head_dim, state) = {(b, h, p, n)}, "
+                         f"got {tuple(state.shape)}")
     if dt_t.shape != (b, h):
         raise ValueError(f"dt_t must be (batch, heads) = {(b, h)}, got {tuple(dt_t.shape)}")
     ct = _compute_dtype(state, x_t, dt_t, A, B_t, C_t, D)
@@ -147,8 +149,8 @@ def ssd_chunked(
         Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
         Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
     nc = (l + pad) // q
-    # heads-first chunked layout, heads split as (g, hg) so each group's B and C serve its heads without a copy;
-    # every contraction below is then a batched matmul over (b, c, g[, hg])
+    # heads-first chunked layout, heads split as (g, hg) so each group's B and C serve its heads without
+    # a copy; every contraction below is then a batched matmul over (b, c, g[, hg])
     x_dt = (xf * dtf[..., None]).view(b, nc, q, g, hg, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, hg, q, p)
     Bc = Bf.view(b, nc, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
     Cc = Cf.view(b, nc, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
@@ -165,7 +167,8 @@ def ssd_chunked(
 
     # 2. each chunk's contribution to the state at its end, starting from zero
     decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, c, g, hg, q)
-    chunk_states = torch.matmul((x_dt * decay_to_end[..., None]).transpose(-1, -2), Bc[:, :, :, None])  # (b,c,g,hg,p,n)
+    x_to_end = (x_dt * decay_to_end[..., None]).transpose(-1, -2)  # (b, c, g, hg, p, q)
+    chunk_states = torch.matmul(x_to_end, Bc[:, :, :, None])  # (b, c, g, hg, p, n)
 
     # 3. pass states across chunks: the state entering each chunk, and the final state
     chunk_decay = torch.exp(a_cum[..., -1])  # (b, c, g, hg)

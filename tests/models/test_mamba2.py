@@ -1,4 +1,4 @@
-"""Mamba-2: logits equal transformers' Mamba2ForCausalLM; streaming equals one forward; checkpoints round-trip."""
+"""Mamba-2: logits equal transformers' Mamba2ForCausalLM; streaming equals a forward; checkpoints round-trip."""
 
 import json
 import math
@@ -13,13 +13,14 @@ from leanseq.models import mamba2 as mamba2_module
 from leanseq.models.mamba2 import Mamba2Config, Mamba2LM, Mamba2State
 
 CONFIGS = [
-    dict(vocab_size=97, hidden_size=16, num_heads=4, head_dim=8, state_size=8, n_groups=1,
-         num_hidden_layers=2, chunk_size=8),
+    {"vocab_size": 97, "hidden_size": 16, "num_heads": 4, "head_dim": 8, "state_size": 8, "n_groups": 1,
+     "num_hidden_layers": 2, "chunk_size": 8},
     # groups > 1, biases, wider conv, sequence not a multiple of the chunk
-    dict(vocab_size=64, hidden_size=24, expand=2, num_heads=6, head_dim=8, state_size=4, n_groups=3,
-         num_hidden_layers=2, conv_kernel=3, use_bias=True, chunk_size=16),
-    dict(vocab_size=50, hidden_size=12, expand=3, num_heads=4, head_dim=9, state_size=16, n_groups=2,
-         num_hidden_layers=1, use_conv_bias=False, residual_in_fp32=False, chunk_size=5, tie_word_embeddings=True),
+    {"vocab_size": 64, "hidden_size": 24, "expand": 2, "num_heads": 6, "head_dim": 8, "state_size": 4,
+     "n_groups": 3, "num_hidden_layers": 2, "conv_kernel": 3, "use_bias": True, "chunk_size": 16},
+    {"vocab_size": 50, "hidden_size": 12, "expand": 3, "num_heads": 4, "head_dim": 9, "state_size": 16,
+     "n_groups": 2, "num_hidden_layers": 1, "use_conv_bias": False, "residual_in_fp32": False,
+     "chunk_size": 5, "tie_word_embeddings": True},
 ]
 
 
@@ -255,10 +256,12 @@ def test_shape_mismatch_names_key_and_both_shapes(tmp_path):
     tiny_model(0).save_pretrained(tmp_path / "m")
 
     def shrink(t):
-        t["backbone.layers.0.mixer.conv1d.weight"] = t["backbone.layers.0.mixer.conv1d.weight"][:, :, :3].clone()
+        key = "backbone.layers.0.mixer.conv1d.weight"
+        t[key] = t[key][:, :, :3].clone()
 
     _rewrite_tensors(tmp_path / "m", shrink)
-    with pytest.raises(CheckpointError, match=r"conv1d\.weight.*expected shape \(48, 1, 4\), found \(48, 1, 3\)"):
+    expected = r"layers\.0\.mixer\.conv1d\.weight.*expected shape \(48, 1, 4\), found \(48, 1, 3\)"
+    with pytest.raises(CheckpointError, match=expected):
         leanseq.load(tmp_path / "m")
 
 

@@ -91,7 +91,8 @@ def test_gradients_match_reference():
         y, s = fn(*leaves, **kw)
         return torch.autograd.grad((y * cot_y).sum() + (s * cot_s).sum(), leaves)
 
-    for g_ref, g_chunk, name in zip(grads(ssd_reference), grads(ssd_chunked, chunk_size=4), "x dt A B C D s0".split()):
+    names = ["x", "dt", "A", "B", "C", "D", "s0"]
+    for g_ref, g_chunk, name in zip(grads(ssd_reference), grads(ssd_chunked, chunk_size=4), names):
         assert rel_err(g_chunk, g_ref) < 1e-4, name
 
 
@@ -147,14 +148,14 @@ def test_empty_sequence_returns_initial_state():
         (lambda a: {**a, "dt": a["dt"][:, :-1]}, "dt must be"),
         (lambda a: {**a, "A": a["A"][:-1]}, "A must be"),
         (lambda a: {**a, "C": a["C"][..., :-1]}, "C must have"),
-        (lambda a: {**a, "B": a["B"][:, :, :1].expand(-1, -1, 3, -1), "C": a["C"][:, :, :1].expand(-1, -1, 3, -1)},
-         "multiple of groups"),
+        (lambda a: {**a, "B": a["B"][:, :, :1].expand(-1, -1, 3, -1),
+                    "C": a["C"][:, :, :1].expand(-1, -1, 3, -1)}, "multiple of groups"),
         (lambda a: {**a, "initial_state": torch.zeros(2, 4, 3, 9)}, "initial_state must be"),
     ],
 )
 def test_bad_shapes_are_named(change, match):
     x, dt, A, B, C, D, _ = make_inputs(2, 5, 4, 3, 2, 4)
-    args = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=None)
+    args = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "initial_state": None}
     with pytest.raises(ValueError, match=match):
         ssd_chunked(**change(args), chunk_size=2)
     with pytest.raises(ValueError, match=match):
