@@ -240,6 +240,16 @@ def test_config_from_transformers_round_trips():
     assert tuple(defaults.time_step_limit) == ours.time_step_limit
 
 
+def test_config_written_by_older_transformers_loads():
+    """transformers 4.4x configs carry rms_norm / norm_before_gate and write Infinity as a bare JSON token."""
+    text = json.dumps({**CONFIGS[0], "model_type": "mamba2", "rms_norm": True, "norm_before_gate": True,
+                       "time_step_limit": [0.0, math.inf], "transformers_version": "4.44.0"})
+    cfg = Mamba2Config.from_dict(json.loads(text))
+    assert cfg.time_step_limit == (0.0, math.inf) and cfg.num_heads == 4
+    with pytest.raises(ConfigError, match="rms_norm"):
+        Mamba2Config.from_dict({**CONFIGS[0], "rms_norm": False})
+
+
 # ---- errors -----------------------------------------------------------------------------------------------
 
 
