@@ -61,6 +61,20 @@ def test_logits_match_transformers_both_directions(idx, tmp_path):
         assert rel_err(back(x).logits, expected) <= 1e-4
 
 
+def test_time_step_limit_matches_transformers_forward(tmp_path):
+    cfg = {**CONFIGS[0], "time_step_limit": (0.01, 0.05)}
+    hf = random_hf_model(3, **cfg)
+    with torch.no_grad():  # spread dt so both ends of the clamp bind
+        for block in hf.backbone.layers:
+            block.mixer.dt_bias.copy_(torch.tensor([-6.0, -1.0, 0.5, 3.0]))
+    hf.save_pretrained(tmp_path / "hf")
+    model = leanseq.load(tmp_path / "hf")
+    assert model.config.time_step_limit == (0.01, 0.05)
+    x = torch.randint(0, 97, (2, 19))
+    with torch.no_grad():
+        assert rel_err(model(x), hf(x).logits) <= 1e-4
+
+
 def test_model_built_here_loads_in_transformers_with_same_logits(tmp_path):
     model = tiny_model(1, seed=5)
     with torch.no_grad():
