@@ -111,13 +111,13 @@ def ssd_step(
     xf, dtf = x_t.to(ct), dt_t.to(ct)
     # (b, g, hg, ...) views let heads share their group's B and C without copying them per head
     hg = h // g
-    decay = torch.exp(dtf * A.to(ct)).view(b, g, hg, 1, 1)
-    dx = (dtf[..., None] * xf).view(b, g, hg, p, 1)
-    new_state = decay * state.to(ct).view(b, g, hg, p, n) + dx * B_t.to(ct).view(b, g, 1, 1, n)
-    y = torch.matmul(new_state, C_t.to(ct).view(b, g, 1, n, 1)).view(b, h, p)
+    decay = torch.exp(dtf * A.to(ct)).reshape(b, g, hg, 1, 1)
+    dx = (dtf[..., None] * xf).reshape(b, g, hg, p, 1)
+    new_state = decay * state.to(ct).reshape(b, g, hg, p, n) + dx * B_t.to(ct).reshape(b, g, 1, 1, n)
+    y = torch.matmul(new_state, C_t.to(ct).reshape(b, g, 1, n, 1)).reshape(b, h, p)
     if D is not None:
         y = y + D.to(ct)[:, None] * xf
-    return y.to(x_t.dtype), new_state.view(b, h, p, n).to(state.dtype)
+    return y.to(x_t.dtype), new_state.reshape(b, h, p, n).to(state.dtype)
 
 
 def ssd_chunked(
@@ -151,10 +151,10 @@ def ssd_chunked(
     nc = (l + pad) // q
     # heads-first chunked layout, heads split as (g, hg) so each group's B and C serve its heads without
     # a copy; every contraction below is then a batched matmul over (b, c, g[, hg])
-    x_dt = (xf * dtf[..., None]).view(b, nc, q, g, hg, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, hg, q, p)
-    Bc = Bf.view(b, nc, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
-    Cc = Cf.view(b, nc, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
-    a = (dtf * A.to(ct)).view(b, nc, q, g, hg).permute(0, 1, 3, 4, 2)  # (b, c, g, hg, q) log decays
+    x_dt = (xf * dtf[..., None]).reshape(b, nc, q, g, hg, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, hg, q, p)
+    Bc = Bf.reshape(b, nc, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
+    Cc = Cf.reshape(b, nc, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
+    a = (dtf * A.to(ct)).reshape(b, nc, q, g, hg).permute(0, 1, 3, 4, 2)  # (b, c, g, hg, q) log decays
     a_cum = a.cumsum(dim=-1)  # log decay from the chunk start to each position
 
     # 1. within each chunk: y[l] = sum_{s<=l} (C_l . B_s) exp(a_cum[l] - a_cum[s]) dt_s x_s
@@ -175,7 +175,7 @@ def ssd_chunked(
     if initial_state is None:
         state = xf.new_zeros(b, g, hg, p, n)
     else:
-        state = initial_state.to(ct).view(b, g, hg, p, n)
+        state = initial_state.to(ct).reshape(b, g, hg, p, n)
     entering = []
     for c in range(nc):
         entering.append(state)

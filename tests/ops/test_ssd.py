@@ -135,6 +135,23 @@ def test_no_whole_sequence_quadratic_tensor(monkeypatch):
     assert biggest and max(biggest) <= 2 * l * chunk  # heads (2) x L x chunk, never L x L
 
 
+def test_non_contiguous_inputs():
+    """Inputs split out of one projection (as in the model) are strided views; results must not change."""
+    b, l, h, p, g, n = 2, 10, 4, 3, 2, 5
+    x, dt, A, B, C, D, s0 = make_inputs(b, l, h, p, g, n, with_state=True)
+    packed = torch.cat([x.reshape(b, l, h * p), B.reshape(b, l, g * n), C.reshape(b, l, g * n)], dim=-1)
+    xs, Bs, Cs = torch.split(packed, [h * p, g * n, g * n], dim=-1)
+    xs, Bs, Cs = xs.unflatten(-1, (h, p)), Bs.unflatten(-1, (g, n)), Cs.unflatten(-1, (g, n))
+    state_t = s0.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, other strides
+    assert not (xs.is_contiguous() or Bs.is_contiguous() or state_t.is_contiguous())
+    y_ref, s_ref = ssd_reference(x, dt, A, B, C, D, s0)
+    y, s = ssd_chunked(xs, dt, A, Bs, Cs, D, state_t, chunk_size=5)  # 10 = 2 chunks: no padding copy
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+    y0, s1 = ssd_step(state_t, xs[:, 0], dt[:, 0], A, Bs[:, 0], Cs[:, 0], D)
+    y0_ref, s1_ref = ssd_reference(x[:, :1], dt[:, :1], A, B[:, :1], C[:, :1], D, s0)
+    assert rel_err(y0, y0_ref[:, 0]) < 1e-5 and rel_err(s1, s1_ref) < 1e-5
+
+
 def test_empty_sequence_returns_initial_state():
     x, dt, A, B, C, D, s0 = make_inputs(2, 0, 2, 2, 1, 3, with_state=True)
     y, s = ssd_chunked(x, dt, A, B, C, D, s0, chunk_size=4)
