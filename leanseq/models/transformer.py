@@ -164,12 +164,35 @@ def _standard_rope_parameters(rope: dict | None) -> dict:
 class TransformerState(State):
     """A KV cache. Row b holds position[b] valid entries at the start of its capacity slots.
 
-    Stepping writes the new keys into these buffers in place and returns a state that shares them; the old
-    state's own prefix stays intact, but to branch two continuations from one state, clone() it first.
+    Stepping appends the new keys to these buffers in place (no copy per token) and returns a state sharing
+    them. States still behave as values: the buffers remember how far they were written (`_frontier`), and
+    stepping a state that another one already wrote past (branching from an old state) copies it first.
     """
 
     k: torch.Tensor  # (n_layers, B, n_kv_heads, capacity, head_dim)
     v: torch.Tensor  # (n_layers, B, n_kv_heads, capacity, head_dim)
+
+    def _map(self, fn_layered, fn_position) -> State:
+        out = super()._map(fn_layered, fn_position)
+        frontier = getattr(self, "_frontier", None)
+        if frontier is not None and out.k.data_ptr() == self.k.data_ptr() and out.k.device == self.k.device:
+            out._frontier = frontier  # to() or detach() that kept the buffers: still shared
+        return out
+
+    def writable(self) -> TransformerState:
+        """This state, or a copy of it where another state sharing the buffers already wrote past it."""
+        frontier = getattr(self, "_frontier", None)
+        if frontier is not None and bool((frontier.written > self.position).any()):
+            return self.clone()
+        return self
+
+    def advanced(self, n_new: int) -> TransformerState:
+        """The state after n_new tokens were written into these buffers at each row's position."""
+        frontier = getattr(self, "_frontier", None) or _Frontier()
+        out = TransformerState(position=self.position + n_new, k=self.k, v=self.v)
+        frontier.written = out.position
+        out._frontier = frontier
+        return out
 
     @property
     def capacity(self) -> int:
@@ -218,6 +241,15 @@ class TransformerState(State):
         return super().concat(states)
 
 
+class _Frontier:
+    """Shared by the states over one pair of cache buffers: the positions they were written up to, per row."""
+
+    __slots__ = ("written",)
+
+    def __init__(self):
+        self.written = None
+
+
 # ---- model --------------------------------------------------------------------------------------------------
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
@@ -227,6 +259,28 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, H, L, D); cos, sin (B or 1, L, D): rotate each pair (i, i + D/2) by its position's angle."""
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+@dataclasses.dataclass
+class LayerCache:
+    """One layer's slice of the KV cache during a cached forward."""
+
+    k: torch.Tensor  # (B, n_kv_heads, capacity, head_dim)
+    v: torch.Tensor  # (B, n_kv_heads, capacity, head_dim)
+    write_at: torch.Tensor  # (B, L) the slots (= positions) of the new entries
+    mask: torch.Tensor  # (B, 1, groups * L, S) which of the first S slots each grouped query may see
+    in_place: bool  # False when autograd needs the old buffers: write into a copy instead
+
+    def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k_new, v_new (B, n_kv_heads, L, head_dim) at each row's slots; return the first S slots."""
+        if not self.in_place:
+            self.k, self.v = self.k.clone(), self.v.clone()
+        rows = torch.arange(k_new.shape[0], device=k_new.device)[:, None]
+        # indexing (rows, :, write_at) addresses a (B, L, n_kv_heads, head_dim) block
+        self.k[rows, :, self.write_at] = k_new.transpose(1, 2)
+        self.v[rows, :, self.write_at] = v_new.transpose(1, 2)
+        kv_len = self.mask.shape[-1]
+        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
 
 
 class Attention(nn.Module):
@@ -241,8 +295,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, x, rope, cache=None):
-        """x (B, L, D); rope (cos, sin) or None; cache (k_cache, v_cache, write_at, mask) or None."""
+    def forward(self, x, rope, cache: LayerCache | None = None):
+        """x (B, L, D); rope (cos, sin) or None; with a cache, attend to its valid entries plus the new ones."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
         k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, L, hd)
@@ -257,15 +311,10 @@ class Attention(nn.Module):
             gqa = {"enable_gqa": True} if groups > 1 and _SDPA_HAS_GQA else {}
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, **gqa)
         else:
-            k_cache, v_cache, write_at, mask = cache
-            rows = torch.arange(B, device=x.device)[:, None]
-            # row b's L new entries go to slots position[b] .. position[b] + L - 1: (B, L, KV, hd) by indexing
-            k_cache[rows, :, write_at] = k.transpose(1, 2)
-            v_cache[rows, :, write_at] = v.transpose(1, 2)
-            keys, values = k_cache[:, :, : mask.shape[-1]], v_cache[:, :, : mask.shape[-1]]  # (B, KV, S, hd)
+            keys, values = cache.append(k, v)  # (B, KV, S, hd)
             # the query heads sharing a key/value head become one longer query, so the cache is never copied
             q = q.reshape(B, self.n_kv_heads, groups * L, self.head_dim)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=cache.mask, dropout_p=dropout)
             y = y.view(B, self.n_heads, L, self.head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
 
@@ -400,7 +449,7 @@ class TransformerLM(LanguageModel):
             self._check_cache(state)
             positions = state.position[:, None] + steps  # (B, L): each row continues from its own position
             self._check_positions(int(state.position.max()) + L - 1)
-            state = state.reserve(L)
+            state = state.reserve(L).writable()
         x = self.model.embed_tokens(input_ids)  # (B, L, D)
         rope = None
         if self.config.position_embedding == "absolute":
@@ -417,9 +466,19 @@ class TransformerLM(LanguageModel):
             mask = torch.arange(kv_len, device=x.device) <= positions[:, :, None]  # (B, L, S)
             groups = self.config.num_attention_heads // self.config.num_key_value_heads
             mask = mask.repeat(1, groups, 1)[:, None]  # (B, 1, groups * L, S)
-            for i, block in enumerate(self.model.layers):
-                x = block(x, rope, (state.k[i], state.v[i], positions, mask))
-            state = TransformerState(position=state.position + L, k=state.k, v=state.v)
+            # appending in place is what makes decoding O(1) per token; under autograd it would overwrite
+            # tensors saved for backward (chunked training), so then each layer writes into a copy
+            in_place = not (torch.is_grad_enabled() and (
+                state.k.requires_grad or any(p.requires_grad for p in self.parameters())))
+            caches = [LayerCache(state.k[i], state.v[i], positions, mask, in_place)
+                      for i in range(self.config.num_hidden_layers)]
+            for block, cache in zip(self.model.layers, caches):
+                x = block(x, rope, cache)
+            if in_place:
+                state = state.advanced(L)
+            else:
+                k, v = torch.stack([c.k for c in caches]), torch.stack([c.v for c in caches])
+                state = TransformerState(position=state.position + L, k=k, v=v)
         logits = self.lm_head(self.model.norm(x))  # (B, L, V)
         return logits, state
 
