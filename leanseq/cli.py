@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES = [
     "leanseq.models.commands",
     "leanseq.train.commands",
+    "leanseq.bench.commands",
 ]
 
 
