@@ -100,8 +100,8 @@ class Mamba2Config(ConfigBase):
                               f"got {self.time_step_limit!r}")
         self.time_step_limit = (float(limit[0]), float(limit[1]))
 
-    # Keys that transformers 4.4x wrote into mamba2 config.json. Its model (like this one) always gates before a
-    # grouped RMSNorm whatever they say, so they are accepted and dropped and those checkpoints load unchanged.
+    # Keys that transformers 4.4x wrote into mamba2 config.json. Its model (like this one) always gates
+    # before a grouped RMSNorm whatever they say, so they are accepted and dropped: those checkpoints load.
     LEGACY_KEYS: ClassVar[tuple[str, ...]] = ("norm_before_gate", "rms_norm")
 
     @classmethod
@@ -171,6 +171,8 @@ class Mamba2Mixer(nn.Module):
         x, B, C, dt, A = self._ssm_params(xbc, dt)
         if SCAN_IMPL == "reference":
             y, ssm_state = ssd_reference(x, dt, A, B, C, self.D, initial_state=ssm_state)
+        elif SCAN_IMPL != "chunked":
+            raise ValueError(f"mamba2.SCAN_IMPL must be 'chunked' or 'reference', got {SCAN_IMPL!r}")
         else:
             chunk = SCAN_CHUNK_SIZE or self.chunk_size
             y, ssm_state = ssd_chunked(x, dt, A, B, C, self.D, initial_state=ssm_state, chunk_size=chunk)

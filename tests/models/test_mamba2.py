@@ -1,4 +1,4 @@
-"""Mamba-2: logits equal transformers' Mamba2ForCausalLM; streaming equals a forward; checkpoints round-trip."""
+"""Mamba-2: logits equal transformers' Mamba2ForCausalLM; streaming equals a forward; checkpoints load."""
 
 import json
 import math
