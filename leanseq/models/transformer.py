@@ -104,15 +104,15 @@ class TransformerConfig(ConfigBase):
     @classmethod
     def from_dict(cls, data: dict[str, Any], strict: bool = True) -> TransformerConfig:
         data = dict(data)
-        model_type = data.pop("model_type", ROPE_MODEL_TYPE)
+        model_type = data.pop("model_type", None)  # absent: position_embedding (default "rope") decides
         implied = {ROPE_MODEL_TYPE: "rope", ABSOLUTE_MODEL_TYPE: "absolute"}
-        if model_type not in implied:
+        if model_type is not None and model_type not in implied:
             raise ConfigError(
                 f"config has model_type {model_type!r}, but {cls.__name__} expects "
                 f"{ROPE_MODEL_TYPE!r} or {ABSOLUTE_MODEL_TYPE!r}"
             )
-        position_embedding = data.setdefault("position_embedding", implied[model_type])
-        if position_embedding != implied[model_type]:
+        position_embedding = data.setdefault("position_embedding", implied.get(model_type, "rope"))
+        if model_type is not None and position_embedding != implied[model_type]:
             raise ConfigError(
                 f"model_type {model_type!r} means position_embedding={implied[model_type]!r}, "
                 f"but the config says {position_embedding!r}"
@@ -213,12 +213,15 @@ class TransformerState(State):
 
         return TransformerState(position=self.position, k=resized(self.k), v=resized(self.v))
 
-    def reserve(self, n_new: int) -> TransformerState:
-        """Room for n_new more tokens in every row: the capacity doubles until they fit (O(log N) copies)."""
+    def reserve(self, n_new: int, limit: int | None = None) -> TransformerState:
+        """Room for n_new more tokens in every row: the capacity doubles until they fit (O(log N) copies),
+        but stays within `limit` slots (an absolute-position model has no use for more) when that suffices."""
         needed = int(self.position.max()) + n_new
         capacity = max(self.capacity, 1)
         while capacity < needed:
             capacity *= 2
+        if limit is not None:
+            capacity = max(min(capacity, limit), needed)
         return self.with_capacity(capacity)
 
     @classmethod
@@ -448,8 +451,10 @@ class TransformerLM(LanguageModel):
         else:
             self._check_cache(state)
             positions = state.position[:, None] + steps  # (B, L): each row continues from its own position
-            self._check_positions(int(state.position.max()) + L - 1)
-            state = state.reserve(L).writable()
+            kv_len = int(state.position.max()) + L  # cache slots any row needs after this chunk
+            self._check_positions(kv_len - 1)
+            absolute = self.config.position_embedding == "absolute"
+            state = state.reserve(L, limit=self.config.max_position_embeddings if absolute else None).writable()
         x = self.model.embed_tokens(input_ids)  # (B, L, D)
         rope = None
         if self.config.position_embedding == "absolute":
@@ -460,7 +465,6 @@ class TransformerLM(LanguageModel):
             for block in self.model.layers:
                 x = block(x, rope)
         else:
-            kv_len = int(state.position.max()) + L
             # query t of row b (at position[b] + t) sees cache slots 0 .. position[b] + t: causal and within
             # its own valid prefix. Repeated per query head of a group, matching the grouped query layout.
             mask = torch.arange(kv_len, device=x.device) <= positions[:, :, None]  # (B, L, S)

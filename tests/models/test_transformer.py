@@ -275,8 +275,13 @@ def test_absolute_variant_rejects_positions_past_its_table():
         model(torch.randint(0, VOCAB, (1, 9)))
     with torch.no_grad():
         _, state = model(torch.randint(0, VOCAB, (1, 8)), return_state=True)
+    assert state.capacity == 8  # the cache never grows past the position table
     with pytest.raises(ValueError, match="position 8 is past max_position_embeddings=8"):
         model.step(torch.tensor([1]), state)
+    grown = model(torch.randint(0, VOCAB, (1, 6)), state=model.init_state(1, capacity=4), return_state=True)[1]
+    assert grown.capacity == 8
+    _, grown = model.step(torch.tensor([1]), grown)
+    assert grown.capacity == 8
 
 
 # ---- config --------------------------------------------------------------------------------------------------
@@ -291,6 +296,9 @@ def test_config_round_trips_and_reads_transformers_configs():
     legacy.update(rope_theta=250000.0, rope_scaling=None)
     assert TransformerConfig.from_dict(legacy).rope_theta == 250000.0
     assert TransformerConfig().head_dim == 128 and TransformerConfig().num_key_value_heads == 32
+    # without a model_type the position_embedding key decides it
+    absolute = TransformerConfig.from_dict({"position_embedding": "absolute", "hidden_size": 64})
+    assert absolute.model_type == "leanseq_transformer" and absolute.to_dict()["model_type"] == "leanseq_transformer"
 
 
 @pytest.mark.parametrize("bad, message", [
