@@ -1,0 +1,191 @@
+import dataclasses
+import json
+import math
+import random
+from typing import ClassVar
+
+import pytest
+import torch
+from torch import nn
+
+import leanseq
+from leanseq.models.base import LanguageModel
+from leanseq.models.config import ConfigBase
+from leanseq.models.state import State
+from leanseq.tasks import get_task
+from leanseq.train import OutputSection, Trainer, TrainSection, build_model, load_config, lr_schedule, run
+from leanseq.train.checkpoint import TrainCheckpointError
+from leanseq.train.trainer import param_groups
+
+
+@dataclasses.dataclass
+class TinyGRUConfig(ConfigBase):
+    model_type: ClassVar[str] = "tiny_gru_for_tests"
+    vocab_size: int = 16
+    hidden_size: int = 16
+    dropout: float = 0.2
+
+
+class TinyGRULM(LanguageModel):
+    """Embedding + GRU + head with dropout, so a resume is exact only if the torch RNG state is restored."""
+
+    config_class = TinyGRUConfig
+    state_class = State
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.gru = nn.GRU(config.hidden_size, config.hidden_size, batch_first=True)
+        self.drop = nn.Dropout(config.dropout)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def _forward(self, input_ids, state):
+        hidden, _ = self.gru(self.embed(input_ids))
+        return self.lm_head(self.drop(hidden)), state
+
+
+TINY_MAMBA = dict(family="mamba", vocab_size=16, hidden_size=16, num_hidden_layers=1, state_size=4, expand=2)
+
+
+def _sections(tmp_path, **train):
+    settings = dict(steps=6, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=2, eval_interval=3, eval_batches=2,
+                    eval_batch_size=4, log_interval=1, seed=0)
+    settings.update(train)
+    return TrainSection(**settings), OutputSection(dir=str(tmp_path), progress=False, save_model=False)
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    train = TrainSection(steps=12, lr=1.0, min_lr=0.1, warmup_steps=3)
+    f = lr_schedule(train)
+    assert [f(s) for s in range(3)] == pytest.approx([0.25, 0.5, 0.75])
+    assert f(3) == pytest.approx(1.0)
+    assert f(11) == pytest.approx(0.1)
+    decay = [f(s) for s in range(3, 12)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    midpoint = 3 + (11 - 3) / 2
+    assert f(int(midpoint)) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_weight_decay_skips_norms_biases_and_ssm_parameters():
+    model = build_model(TINY_MAMBA)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert any(n.endswith("A_log") for n in no_decay_names) and any(n.endswith(".D") for n in no_decay_names)
+    assert any("norm" in n for n in no_decay_names)
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def _gru_trainer(tmp_path, seed_model=0, **train):
+    torch.manual_seed(seed_model)
+    task = get_task("induction_heads", seq_len=12)
+    return Trainer(TinyGRULM(TinyGRUConfig()), task, *_sections(tmp_path, **train))
+
+
+def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path):
+    random.seed(0)
+    torch.manual_seed(0)
+    full = _gru_trainer(tmp_path / "full")
+    full.fit()
+    assert len(full.losses) == 6
+
+    part = _gru_trainer(tmp_path / "part")
+    for _ in range(3):
+        part.train_step()
+    path = part.save_checkpoint(tmp_path / "part" / "mid.pt")
+
+    torch.manual_seed(1234)  # scramble every RNG a resume must restore
+    random.seed(1234)
+    resumed = _gru_trainer(tmp_path / "part", seed_model=99)
+    assert resumed.load_checkpoint(path) == 3
+    resumed.fit()
+    assert resumed.losses == full.losses[3:]  # exactly equal, not approximately
+    for a, b in zip(resumed.model.state_dict().values(), full.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert resumed.scheduler.get_last_lr() == full.scheduler.get_last_lr()
+
+
+def test_resume_without_restoring_rng_would_differ(tmp_path):
+    # the test above can fail: dropout draws from the torch RNG, so a fresh RNG gives different losses
+    full = _gru_trainer(tmp_path / "a")
+    full.fit()
+    part = _gru_trainer(tmp_path / "b")
+    for _ in range(3):
+        part.train_step()
+    torch.manual_seed(1234)
+    part.fit()
+    assert part.losses[3:] != full.losses[3:]
+
+
+def test_checkpoint_of_another_model_or_task_is_refused(tmp_path):
+    trainer = _gru_trainer(tmp_path)
+    trainer.train_step()
+    path = trainer.save_checkpoint()
+    torch.manual_seed(0)
+    other_task = Trainer(TinyGRULM(TinyGRUConfig()), get_task("induction_heads", seq_len=13), *_sections(tmp_path))
+    with pytest.raises(TrainCheckpointError, match="different task"):
+        other_task.load_checkpoint(path)
+    other_model = Trainer(TinyGRULM(TinyGRUConfig(hidden_size=8)), get_task("induction_heads", seq_len=12),
+                          *_sections(tmp_path))
+    with pytest.raises(TrainCheckpointError, match="different model"):
+        other_model.load_checkpoint(path)
+
+
+def test_metrics_evaluation_and_gradient_clipping(tmp_path):
+    trainer = _gru_trainer(tmp_path, grad_clip=0.01)
+    summary = trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert all(r["tokens_per_s"] > 0 and r["tokens"] == r["step"] * 4 * 12 for r in train)
+    assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in evals)
+    assert [r["loss"] for r in train] == trainer.losses
+    assert train[0]["lr"] == pytest.approx(1e-2 / 3)  # first warm-up step
+    assert summary["step"] == 6 and summary["eval_accuracy"] == evals[-1]["eval_accuracy"]
+    # clipping: the recorded norm is before clipping, so a 0.01 cap is far below it
+    assert all(r["grad_norm"] > 0.01 for r in train)
+
+
+def test_eval_accuracy_matches_the_accuracy_helper(tmp_path):
+    from leanseq.tasks import accuracy
+
+    trainer = _gru_trainer(tmp_path, eval_batches=1)
+    trainer.model.eval()
+    inputs, targets, mask = trainer.eval_set[0]
+    with torch.no_grad():
+        expected = accuracy(trainer.model(inputs), targets, mask)
+    assert trainer.evaluate()["eval_accuracy"] == expected
+
+
+def test_nan_loss_stops_the_run(tmp_path):
+    trainer = _gru_trainer(tmp_path)
+    with torch.no_grad():
+        trainer.model.lm_head.bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="NaN"):
+        trainer.train_step()
+
+
+def test_run_from_config_trains_mamba_resumes_and_saves_a_loadable_model(tmp_path):
+    overrides = [
+        "model.family=mamba", "model.d_model=16", "model.n_layers=1", "model.state_size=4",
+        "task.name=induction_heads", "task.seq_len=16", "train.steps=4", "train.batch_size=4",
+        "train.warmup_steps=1", "train.log_interval=1", "train.eval_interval=0", "train.eval_batches=1", "train.eval_batch_size=4",
+        f"output.dir={json.dumps(str(tmp_path))}", "output.progress=false", "output.checkpoint_interval=2",
+    ]
+    summary = run(load_config(None, overrides))
+    assert summary["step"] == 4 and summary["tokens_per_s"] > 0 and 0 <= summary["eval_accuracy"] <= 1
+    model = leanseq.models.load(tmp_path / "model")
+    assert model.config.hidden_size == 16
+    losses_first = [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+                    if json.loads(x)["kind"] == "train"]
+
+    # a second invocation with more steps resumes from step 4 instead of starting over
+    summary = run(load_config(None, overrides[:-2] + ["train.steps=5", "output.progress=false"] + overrides[-1:]))
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert train_steps == [1, 2, 3, 4, 5] and summary["step"] == 5
+    assert [r["loss"] for r in records if r["kind"] == "train"][:4] == losses_first
+    assert json.loads((tmp_path / "run_config.json").read_text())["train"]["steps"] == 5
