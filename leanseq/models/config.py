@@ -83,10 +83,23 @@ class ConfigBase:
     """Mixin for config dataclasses: strict from_dict / to_dict / JSON helpers."""
 
     model_type: typing.ClassVar[str] = ""
+    # Older checkpoints name some fields differently (e.g. mamba-130m-hf carries d_model and n_layer beside
+    # hidden_size and num_hidden_layers): legacy key -> field. A legacy value that disagrees is an error.
+    key_aliases: typing.ClassVar[dict[str, str]] = {}
+    # Keys that only steer how the original code ran (fused kernels), not what it computes.
+    ignored_keys: typing.ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], strict: bool = True):
         data = dict(data)
+        for legacy, field in cls.key_aliases.items():
+            if legacy in data:
+                value = data.pop(legacy)
+                if field in data and data[field] != value:
+                    raise ConfigError(
+                        f"config keys {legacy!r}={value!r} and {field!r}={data[field]!r} disagree; they name the same setting"
+                    )
+                data.setdefault(field, value)
         mt = data.pop("model_type", cls.model_type)
         if mt != cls.model_type:
             raise ConfigError(f"config has model_type {mt!r}, but {cls.__name__} expects {cls.model_type!r}")
@@ -96,7 +109,7 @@ class ConfigBase:
         for key, value in data.items():
             if key in fields:
                 kwargs[key] = _check_type(key, value, hints[key])
-            elif key in GENERIC_HF_KEYS or key.startswith("_"):
+            elif key in GENERIC_HF_KEYS or key in cls.ignored_keys or key.startswith("_"):
                 continue
             elif strict:
                 known = ", ".join(sorted(fields))

@@ -31,6 +31,9 @@ class MambaConfig(ConfigBase):
     """Keys and defaults of transformers' MambaConfig (config.json of `mamba` checkpoints)."""
 
     model_type: ClassVar[str] = "mamba"
+    key_aliases: ClassVar[dict[str, str]] = {"d_model": "hidden_size", "n_layer": "num_hidden_layers",
+                                              "d_inner": "intermediate_size", "d_state": "state_size"}
+    ignored_keys: ClassVar[frozenset[str]] = frozenset({"fused_add_norm", "pad_vocab_size_multiple", "ssm_cfg"})
 
     vocab_size: int = 50280
     hidden_size: int = 768
@@ -51,6 +54,7 @@ class MambaConfig(ConfigBase):
     initializer_range: float = 0.1
     tie_word_embeddings: bool = True
     intermediate_size: int | None = None
+    rms_norm: bool = True  # older checkpoints state it; LayerNorm variants are not supported
 
     def __post_init__(self):
         if self.time_step_rank == "auto":
@@ -64,6 +68,8 @@ class MambaConfig(ConfigBase):
             raise ConfigError(
                 f"config key 'intermediate_size' is {self.intermediate_size} but expand * hidden_size = {expected}"
             )
+        if not self.rms_norm:
+            raise ConfigError("config key 'rms_norm' is false: only RMSNorm Mamba checkpoints are supported")
         if self.hidden_act != "silu":
             raise ConfigError(f"config key 'hidden_act': only 'silu' is supported, got {self.hidden_act!r}")
         for key in ("vocab_size", "hidden_size", "state_size", "num_hidden_layers", "conv_kernel", "expand"):

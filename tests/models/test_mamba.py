@@ -203,3 +203,24 @@ def test_nan_weights_are_refused(tmp_path):
     model.save_pretrained(tmp_path / "m")
     with pytest.raises(CheckpointError, match="NaN"):
         leanseq.load(tmp_path / "m")
+
+
+def test_legacy_config_keys_of_older_hub_checkpoints(tmp_path):
+    # the keys of state-spaces/mamba-130m-hf's config.json (written by transformers 4.39), shrunk
+    legacy = {
+        "architectures": ["MambaForCausalLM"], "bos_token_id": 0, "conv_kernel": 4, "d_inner": 64, "d_model": 32,
+        "eos_token_id": 0, "expand": 2, "fused_add_norm": True, "hidden_act": "silu", "hidden_size": 32,
+        "initializer_range": 0.1, "intermediate_size": 64, "layer_norm_epsilon": 1e-05, "model_type": "mamba",
+        "n_layer": 2, "num_hidden_layers": 2, "pad_token_id": 0, "pad_vocab_size_multiple": 8,
+        "rescale_prenorm_residual": False, "residual_in_fp32": True, "rms_norm": True, "ssm_cfg": {},
+        "state_size": 8, "time_step_floor": 0.0001, "time_step_init_scheme": "random", "time_step_max": 0.1,
+        "time_step_min": 0.001, "time_step_rank": 2, "time_step_scale": 1.0, "torch_dtype": "float32",
+        "transformers_version": "4.39.0.dev0", "use_bias": False, "use_cache": True, "use_conv_bias": True,
+        "vocab_size": 50,
+    }
+    cfg = MambaConfig.from_dict(legacy)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size) == (32, 2, 64)
+    with pytest.raises(ConfigError, match="'n_layer'=3 and 'num_hidden_layers'=2 disagree"):
+        MambaConfig.from_dict(dict(legacy, n_layer=3))
+    with pytest.raises(ConfigError, match="rms_norm"):
+        MambaConfig.from_dict(dict(legacy, rms_norm=False))
