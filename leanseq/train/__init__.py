@@ -2,9 +2,9 @@
 
 from leanseq.train.checkpoint import TrainCheckpointError, load_train_state, save_train_state
 from leanseq.train.config import MODEL_KEY_ALIASES, OutputSection, RunConfig, TrainSection, load_config
-from leanseq.train.trainer import Trainer, build_model, lr_schedule, run
+from leanseq.train.trainer import Trainer, build_model, build_trainer, lr_schedule, run
 
 __all__ = [
-    "Trainer", "run", "build_model", "lr_schedule", "load_config", "RunConfig", "TrainSection", "OutputSection",
+    "Trainer", "run", "build_model", "build_trainer", "lr_schedule", "load_config", "RunConfig", "TrainSection", "OutputSection",
     "MODEL_KEY_ALIASES", "TrainCheckpointError", "save_train_state", "load_train_state",
 ]

@@ -302,16 +302,22 @@ def run(config: RunConfig) -> dict:
     joined_here = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     distributed.init_from_env(config.train.device)
     try:
-        random.seed(config.train.seed)
-        torch.manual_seed(config.train.seed)
-        model = build_model(config.model)
-        task = TASKS[config.task["name"]].from_dict(config.task)
-        trainer = Trainer(model, task, config.train, config.output, run_config=config.to_dict())
-        if config.output.resume and trainer.checkpoint_path.exists():
-            trainer.load_checkpoint()
+        trainer = build_trainer(config)
         summary = trainer.fit()
-        summary["num_parameters"] = sum(p.numel() for p in model.parameters())
+        summary["num_parameters"] = sum(p.numel() for p in trainer.model.parameters())
         return summary
     finally:
         if joined_here:
             distributed.shutdown()
+
+
+def build_trainer(config: RunConfig) -> Trainer:
+    """Seed, build the model and task, and restore output.dir's checkpoint when resuming is on."""
+    random.seed(config.train.seed)
+    torch.manual_seed(config.train.seed)
+    model = build_model(config.model)
+    task = TASKS[config.task["name"]].from_dict(config.task)
+    trainer = Trainer(model, task, config.train, config.output, run_config=config.to_dict())
+    if config.output.resume and trainer.checkpoint_path.exists():
+        trainer.load_checkpoint()
+    return trainer
