@@ -8,4 +8,4 @@ from leanseq.stream.blob import FORMAT_VERSION, StateBlobError, StateMismatchErr
 from leanseq.stream.pool import SessionPool
 from leanseq.stream.session import Session
 
-__all__ = ["Session", "SessionPool", "StateBlobError", "StateMismatchError", "fingerprint", "FORMAT_VERSION"]
+__all__ = ["FORMAT_VERSION", "Session", "SessionPool", "StateBlobError", "StateMismatchError", "fingerprint"]

@@ -44,7 +44,7 @@ class StateMismatchError(StateBlobError):
 
 
 # ---- model fingerprint ------------------------------------------------------------------------------------
-_weights_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_weights_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def config_hash(model) -> str:

@@ -157,7 +157,7 @@ class SessionPool:
         token_list = []
         for sid in ids:
             try:
-                ids_2d, kind = coerce_tokens(self.model, tokens[sid], batch_size=1)
+                ids_2d, _kind = coerce_tokens(self.model, tokens[sid], batch_size=1)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"session {sid!r}: {exc}") from exc
             if ids_2d.numel() != 1:

@@ -154,7 +154,7 @@ class Session:
         best = self.last_logits.argmax(dim=-1)  # (B,)
         return int(best[0]) if self.batch_size == 1 else best
 
-    def fork(self) -> "Session":
+    def fork(self) -> Session:
         """An independent copy of this stream (the state is cloned; a KV cache is otherwise written in place)."""
         last = None if self.last_logits is None else self.last_logits.clone()
         return Session(self.model, self.batch_size, self.prefill_chunk_size, self.state.clone(), last)
@@ -181,7 +181,7 @@ class Session:
         )
 
     @classmethod
-    def restore(cls, model, blob: bytes, prefill_chunk_size: int | None = None, check_weights: bool = True) -> "Session":
+    def restore(cls, model, blob: bytes, prefill_chunk_size: int | None = None, check_weights: bool = True) -> Session:
         """A Session continuing exactly where the one that wrote `blob` stood; refuses blobs of other models."""
         state, last_logits, info = blobfmt.decode(model, blob, check_weights=check_weights)
         chunk = info["prefill_chunk_size"] if prefill_chunk_size is None else prefill_chunk_size

@@ -14,21 +14,21 @@ def build_model(kind: str, seed: int = 0, **overrides):
     if kind == "mamba":
         from leanseq.models.mamba import MambaConfig, MambaLM
 
-        cfg = dict(vocab_size=VOCAB, hidden_size=8, state_size=4, num_hidden_layers=2)
+        cfg = {"vocab_size": VOCAB, "hidden_size": 8, "state_size": 4, "num_hidden_layers": 2}
         model = MambaLM(MambaConfig(**{**cfg, **overrides}))
         embed = model.backbone.embeddings.weight
     elif kind == "mamba2":
         from leanseq.models.mamba2 import Mamba2Config, Mamba2LM
 
-        cfg = dict(vocab_size=VOCAB, hidden_size=8, num_heads=4, head_dim=4, state_size=4, n_groups=1,
-                   num_hidden_layers=2, chunk_size=4)
+        cfg = {"vocab_size": VOCAB, "hidden_size": 8, "num_heads": 4, "head_dim": 4, "state_size": 4, "n_groups": 1,
+                   "num_hidden_layers": 2, "chunk_size": 4}
         model = Mamba2LM(Mamba2Config(**{**cfg, **overrides}))
         embed = model.backbone.embeddings.weight
     elif kind == "transformer":
         from leanseq.models.transformer import TransformerConfig, TransformerLM
 
-        cfg = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096)
+        cfg = {"vocab_size": VOCAB, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+                   "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 4096}
         model = TransformerLM(TransformerConfig(**{**cfg, **overrides}))
         embed = model.model.embed_tokens.weight
     else:

@@ -8,7 +8,7 @@ import torch
 from leanseq.stream import Session, SessionPool
 
 VOCAB = 16
-TOL = dict(atol=2e-5, rtol=2e-5)
+TOL = {"atol": 2e-5, "rtol": 2e-5}
 
 
 class Mirror:

@@ -9,7 +9,7 @@ import torch
 from leanseq.stream import Session
 
 VOCAB = 16  # the conftest models' vocabulary
-TOL = dict(atol=2e-5, rtol=2e-5)
+TOL = {"atol": 2e-5, "rtol": 2e-5}
 LENGTH = 19  # not a multiple of any chunk size below, so the last chunk is ragged
 
 
@@ -60,11 +60,14 @@ def test_predict_is_argmax_of_last_logits(mamba):
     x = tokens(3)
     session = Session(mamba)
     logits = session.push(x)
-    assert session.predict() == int(logits[-1].argmax())
-    other = Session(mamba)
-    assert other.predict(x) == int(logits[-1].argmax())  # push then predict
-    nxt = session.push(session.predict())
-    assert other.predict() != -1 and session.position == LENGTH + 1 and nxt.shape == (VOCAB,)
+    first = int(logits[-1].argmax())
+    assert session.predict() == first
+    assert Session(mamba).predict(x) == first  # push, then predict
+    second = session.predict(session.predict())  # greedy decoding: feed the prediction back
+    check = Session(mamba)
+    check.push(x)
+    assert second == int(check.push(first).argmax())
+    assert session.position == LENGTH + 1
 
 
 def test_keep_logits_false_returns_only_last(mamba):
