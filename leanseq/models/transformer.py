@@ -271,8 +271,14 @@ class LayerCache:
     k: torch.Tensor  # (B, n_kv_heads, capacity, head_dim)
     v: torch.Tensor  # (B, n_kv_heads, capacity, head_dim)
     write_at: torch.Tensor  # (B, L) the slots (= positions) of the new entries
-    mask: torch.Tensor  # (B, 1, groups * L, S) which of the first S slots each grouped query may see
+    kv_len: int  # S: the slots any row can see after this chunk
+    mask: torch.Tensor | None  # (B, 1, groups * L, S) which slots each grouped query sees; None: all rows at 0
     in_place: bool  # False when autograd needs the old buffers: write into a copy instead
+
+    @property
+    def from_start(self) -> bool:
+        """Every row starts at position 0 (a first prefill): plain causal attention over the new tokens."""
+        return self.mask is None
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k_new, v_new (B, n_kv_heads, L, head_dim) at each row's slots; return the first S slots."""
@@ -282,8 +288,7 @@ class LayerCache:
         # indexing (rows, :, write_at) addresses a (B, L, n_kv_heads, head_dim) block
         self.k[rows, :, self.write_at] = k_new.transpose(1, 2)
         self.v[rows, :, self.write_at] = v_new.transpose(1, 2)
-        kv_len = self.mask.shape[-1]
-        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+        return self.k[:, :, : self.kv_len], self.v[:, :, : self.kv_len]
 
 
 class Attention(nn.Module):
@@ -308,7 +313,9 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         dropout = self.dropout if self.training else 0.0
         groups = self.n_heads // self.n_kv_heads
-        if cache is None:
+        if cache is not None and cache.from_start:
+            cache.append(k, v)  # an empty cache holds nothing to attend to: plain causal attention below
+        if cache is None or cache.from_start:
             if groups > 1 and not _SDPA_HAS_GQA:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             gqa = {"enable_gqa": True} if groups > 1 and _SDPA_HAS_GQA else {}
@@ -465,16 +472,18 @@ class TransformerLM(LanguageModel):
             for block in self.model.layers:
                 x = block(x, rope)
         else:
-            # query t of row b (at position[b] + t) sees cache slots 0 .. position[b] + t: causal and within
-            # its own valid prefix. Repeated per query head of a group, matching the grouped query layout.
-            mask = torch.arange(kv_len, device=x.device) <= positions[:, :, None]  # (B, L, S)
-            groups = self.config.num_attention_heads // self.config.num_key_value_heads
-            mask = mask.repeat(1, groups, 1)[:, None]  # (B, 1, groups * L, S)
+            mask = None
+            if bool(state.position.any()):
+                # query t of row b (at position[b] + t) sees cache slots 0 .. position[b] + t: causal and within
+                # its own valid prefix. Repeated per query head of a group, matching the grouped query layout.
+                mask = torch.arange(kv_len, device=x.device) <= positions[:, :, None]  # (B, L, S)
+                groups = self.config.num_attention_heads // self.config.num_key_value_heads
+                mask = mask.repeat(1, groups, 1)[:, None]  # (B, 1, groups * L, S)
             # appending in place is what makes decoding O(1) per token; under autograd it would overwrite
             # tensors saved for backward (chunked training), so then each layer writes into a copy
             in_place = not (torch.is_grad_enabled() and (
                 state.k.requires_grad or any(p.requires_grad for p in self.parameters())))
-            caches = [LayerCache(state.k[i], state.v[i], positions, mask, in_place)
+            caches = [LayerCache(state.k[i], state.v[i], positions, kv_len, mask, in_place)
                       for i in range(self.config.num_hidden_layers)]
             for block, cache in zip(self.model.layers, caches):
                 x = block(x, rope, cache)
