@@ -166,8 +166,12 @@ class SessionPool:
                 )
             token_list.append(ids_2d[0])
         token_ids = torch.cat(token_list)  # (n,)
-        if rows == list(range(len(self._ids))):
-            logits, self._state = self.model.step(token_ids, self._state)
+        if len(rows) == len(self._ids):
+            # every session (ids are unique, so every row once): step the batched state as it is, no copies
+            index = torch.as_tensor(rows, device=token_ids.device)
+            by_row = torch.empty_like(token_ids).index_copy_(0, index, token_ids)
+            logits, self._state = self.model.step(by_row, self._state)
+            logits = logits.index_select(0, index)  # back into the caller's order
         else:
             logits, sub = self.model.step(token_ids, self._state.select(rows))
             self._write_rows(rows, sub)
