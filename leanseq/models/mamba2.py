@@ -100,18 +100,15 @@ class Mamba2Config(ConfigBase):
                               f"got {self.time_step_limit!r}")
         self.time_step_limit = (float(limit[0]), float(limit[1]))
 
-    # Keys that transformers 4.4x wrote into mamba2 config.json. Its model (like this one) always gates
-    # before a grouped RMSNorm whatever they say, so they are accepted and dropped: those checkpoints load.
-    LEGACY_KEYS: ClassVar[tuple[str, ...]] = ("norm_before_gate", "rms_norm")
+    # transformers 4.4x wrote these into mamba2 config.json. Its model (like this one) always gates before a
+    # grouped RMSNorm whatever they say, so they are read and ignored: those checkpoints load unchanged.
+    ignored_keys: ClassVar[frozenset[str]] = frozenset({"norm_before_gate", "rms_norm"})
 
     @classmethod
     def from_dict(cls, data: dict, strict: bool = True) -> Mamba2Config:
-        data = dict(data)
         if data.get("rms_norm", True) is not True:
             raise ConfigError(f"config key 'rms_norm' is {data['rms_norm']!r}; Mamba-2 models here (as in "
                               "transformers) always apply the gated RMSNorm, so only true is supported")
-        for key in cls.LEGACY_KEYS:
-            data.pop(key, None)
         return super().from_dict(data, strict=strict)
 
     @property
