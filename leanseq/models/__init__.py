@@ -12,6 +12,7 @@ from leanseq.models.state import State
 # model_type in config.json -> (module, class). Imported on use so one family's import cost is not everyone's.
 MODEL_TYPES = {
     "mamba": ("leanseq.models.mamba", "MambaLM"),
+    "leanseq_mamba_lti": ("leanseq.models.mamba", "MambaLM"),
     "mamba2": ("leanseq.models.mamba2", "Mamba2LM"),
     "llama": ("leanseq.models.transformer", "TransformerLM"),
     "leanseq_transformer": ("leanseq.models.transformer", "TransformerLM"),

@@ -55,6 +55,28 @@ class MambaConfig(ConfigBase):
     tie_word_embeddings: bool = True
     intermediate_size: int | None = None
     rms_norm: bool = True  # older checkpoints state it; LayerNorm variants are not supported
+    # leanseq's ablation switch: False gives the LTI (S4-like) layer; such checkpoints get model_type
+    # "leanseq_mamba_lti", since transformers has no such model. Left out of config.json when True.
+    selective: bool = True
+
+    def to_dict(self):
+        out = super().to_dict()
+        if self.selective:
+            del out["selective"]
+        else:
+            out["model_type"] = "leanseq_mamba_lti"
+        return out
+
+    @classmethod
+    def from_dict(cls, data, strict: bool = True):
+        data = dict(data)
+        if data.get("model_type") == "leanseq_mamba_lti":
+            if data.get("selective", False):
+                raise ConfigError("model_type 'leanseq_mamba_lti' needs selective=false")
+            data.update(model_type="mamba", selective=False)
+        elif data.get("selective") is False:
+            raise ConfigError("selective=false checkpoints must have model_type 'leanseq_mamba_lti'")
+        return super().from_dict(data, strict=strict)
 
     def __post_init__(self):
         if self.time_step_rank == "auto":
@@ -123,12 +145,29 @@ class MambaMixer(nn.Module):
         return self.out_proj(y), conv_state, ssm_state
 
 
+class LTIMixer(MambaMixer):
+    """The S4-like ablation of the Mamba paper (section 4.1, Table 1): dt, B and C are learned parameters,
+    the same at every position, so the layer is linear time-invariant and cannot select what to remember."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__(config)
+        del self.x_proj
+        self.dt_lti = nn.Parameter(torch.zeros(self.rank))  # (R,): input to dt_proj, shared by all positions
+        self.B_lti = nn.Parameter(torch.randn(self.state_size) / math.sqrt(self.state_size))  # (N,)
+        self.C_lti = nn.Parameter(torch.randn(self.state_size) / math.sqrt(self.state_size))  # (N,)
+
+    def _ssm_inputs(self, xs: torch.Tensor):
+        delta = F.softplus(self.dt_proj(self.dt_lti).float()).expand_as(xs)  # (..., D), no dependence on xs
+        shape = (*xs.shape[:-1], self.state_size)
+        return delta, self.B_lti.expand(shape), self.C_lti.expand(shape)
+
+
 class MambaBlock(nn.Module):
     def __init__(self, config: MambaConfig):
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.mixer = MambaMixer(config)
+        self.mixer = MambaMixer(config) if config.selective else LTIMixer(config)
 
     def forward(self, x, conv_state, ssm_state, step: bool = False):
         residual = x.float() if self.residual_in_fp32 else x
@@ -166,7 +205,9 @@ class MambaLM(LanguageModel):
         nn.init.normal_(self.lm_head.weight, std=0.02)
         for block in self.backbone.layers:
             m = block.mixer
-            for lin in (m.in_proj, m.x_proj, m.out_proj):
+            for lin in (m.in_proj, getattr(m, "x_proj", None), m.out_proj):
+                if lin is None:  # the LTI ablation has no x_proj
+                    continue
                 nn.init.normal_(lin.weight, std=0.02)
                 if lin.bias is not None:
                     nn.init.zeros_(lin.bias)

@@ -224,3 +224,29 @@ def test_legacy_config_keys_of_older_hub_checkpoints(tmp_path):
         MambaConfig.from_dict(dict(legacy, n_layer=3))
     with pytest.raises(ConfigError, match="rms_norm"):
         MambaConfig.from_dict(dict(legacy, rms_norm=False))
+
+
+def test_lti_ablation_is_time_invariant_and_round_trips(tmp_path):
+    torch.manual_seed(6)
+    cfg = MambaConfig(**dict(CONFIGS[0], selective=False))
+    model = MambaLM(cfg).eval()
+    assert not hasattr(model.backbone.layers[0].mixer, "x_proj")
+    path = model.save_pretrained(tmp_path / "lti")
+    assert json.loads((path / "config.json").read_text())["model_type"] == "leanseq_mamba_lti"
+    loaded = leanseq.load(path)
+    x = torch.randint(0, 97, (2, 15))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+        steps, state = [], model.init_state(2)
+        for t in range(15):
+            logits, state = model.step(x[:, t], state)
+            steps.append(logits)
+        assert rel_err(torch.stack(steps, 1), model(x)) <= 1e-5
+    # dt, B and C do not depend on the input: the SSM inputs are identical for two different inputs
+    mixer = model.backbone.layers[0].mixer
+    d1 = mixer._ssm_inputs(torch.randn(1, 4, mixer.d_inner))
+    d2 = mixer._ssm_inputs(torch.randn(1, 4, mixer.d_inner))
+    for a, b in zip(d1, d2):
+        torch.testing.assert_close(a, b)
+    selective = MambaLM(MambaConfig(**CONFIGS[0]))
+    assert "selective" not in json.loads(selective.save_pretrained(tmp_path / "sel").joinpath("config.json").read_text())
