@@ -68,6 +68,24 @@ def test_save_and_load_file(tmp_path, saved, mamba):
     assert torch.equal(loaded.push(7), session.push(7))
 
 
+def test_failed_save_keeps_the_old_file(tmp_path, saved, mamba, monkeypatch):
+    session, blob = saved
+    path = tmp_path / "a.lsqstate"
+    session.save(path)
+    session.push(4)
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("leanseq.stream.blob.os.replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        session.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == blob  # the old state, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["a.lsqstate"]  # no temp file left behind
+    assert Session.load(mamba, path).position == 23
+
+
 def test_load_names_the_file_on_error(tmp_path, saved, mamba):
     _, blob = saved
     path = tmp_path / "bad.lsqstate"
