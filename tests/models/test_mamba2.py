@@ -44,7 +44,8 @@ def tiny_model(idx=0, seed=0, **overrides):
 
 
 @pytest.mark.parametrize("idx", range(len(CONFIGS)))
-def test_logits_match_transformers_both_directions(idx, tmp_path):
+def test_logits_match_transformers_both_directions(idx, tmp_path, monkeypatch):
+    monkeypatch.setattr(mamba2_module, "SCAN_CHUNK_SIZE", None)  # configs' small chunks: several per sequence
     cfg = CONFIGS[idx]
     hf = random_hf_model(idx, **cfg)
     hf.save_pretrained(tmp_path / "hf")
