@@ -31,6 +31,15 @@ def get_task(name: str, **overrides) -> TaskConfig:
 
 
 __all__ = [
-    "IGNORE_INDEX", "Batch", "BatchIterator", "TaskConfig", "accuracy", "get_task", "TASKS",
-    "SelectiveCopyingConfig", "InductionHeadsConfig", "MQARConfig", "MQAR_PRESETS",
+    "IGNORE_INDEX",
+    "MQAR_PRESETS",
+    "TASKS",
+    "Batch",
+    "BatchIterator",
+    "InductionHeadsConfig",
+    "MQARConfig",
+    "SelectiveCopyingConfig",
+    "TaskConfig",
+    "accuracy",
+    "get_task",
 ]

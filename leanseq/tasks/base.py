@@ -50,7 +50,7 @@ class TaskConfig:
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         return self._generate(batch_size, generator)
 
-    def batches(self, batch_size: int, seed: int = 0) -> "BatchIterator":
+    def batches(self, batch_size: int, seed: int = 0) -> BatchIterator:
         """An endless, deterministic iterator of batches for this config."""
         return BatchIterator(self, batch_size, seed)
 
@@ -58,11 +58,11 @@ class TaskConfig:
         return {"name": self.name, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TaskConfig":
+    def from_dict(cls, data: dict) -> TaskConfig:
         """Build from a mapping, rejecting unknown keys and wrong types by name."""
         data = {k: v for k, v in data.items() if k != "name"}
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        for key, value in data.items():
+        for key in data:
             if key not in fields:
                 close = difflib.get_close_matches(key, list(fields), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
@@ -88,7 +88,7 @@ class BatchIterator:
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed)
 
-    def __iter__(self) -> "BatchIterator":
+    def __iter__(self) -> BatchIterator:
         return self
 
     def __next__(self) -> Batch:

@@ -5,6 +5,17 @@ from leanseq.train.config import MODEL_KEY_ALIASES, OutputSection, RunConfig, Tr
 from leanseq.train.trainer import Trainer, build_model, build_trainer, lr_schedule, run
 
 __all__ = [
-    "Trainer", "run", "build_model", "build_trainer", "lr_schedule", "load_config", "RunConfig", "TrainSection", "OutputSection",
-    "MODEL_KEY_ALIASES", "TrainCheckpointError", "save_train_state", "load_train_state",
+    "MODEL_KEY_ALIASES",
+    "OutputSection",
+    "RunConfig",
+    "TrainCheckpointError",
+    "TrainSection",
+    "Trainer",
+    "build_model",
+    "build_trainer",
+    "load_config",
+    "load_train_state",
+    "lr_schedule",
+    "run",
+    "save_train_state",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def register(subparsers) -> None:
@@ -29,13 +30,12 @@ def register(subparsers) -> None:
 
 
 def _train(args) -> int:
-    from leanseq.train import distributed
     from leanseq.train.config import load_config
     from leanseq.train.trainer import run
 
     config = load_config(args.config, args.overrides)
     summary = run(config)
-    if distributed.current().is_main:
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 prints the summary
         summary["output_dir"] = config.output.dir
         print(json.dumps(summary))
     return 0

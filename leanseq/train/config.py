@@ -172,7 +172,7 @@ def _model_section(data: dict[str, Any], task_vocab: int) -> dict[str, Any]:
     for key, value in data.items():
         target = MODEL_KEY_ALIASES.get(key, key) if key not in fields else key
         if target not in fields:
-            raise _unknown(key, fields | set(a for a, t in MODEL_KEY_ALIASES.items() if t in fields), "model.")
+            raise _unknown(key, fields | {a for a, t in MODEL_KEY_ALIASES.items() if t in fields}, "model.")
         if target in resolved:
             raise ValueError(f"model.{target} is set twice (once through the alias {key!r})")
         resolved[target] = value

@@ -202,12 +202,12 @@ class Trainer:
                 if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
                     self._log({"kind": "train", **record})
                 at_end = self.step == cfg.steps
-                if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or at_end:
-                    if main:
-                        last_eval = self.evaluate()
-                        self._log({"kind": "eval", "step": self.step, **last_eval})
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{last_eval['eval_accuracy']:.3f}",
-                                        tok_s=f"{record['tokens_per_s']:,.0f}")
+                # rank 0 evaluates alone (on the unwrapped model); the others wait at the next all-reduce
+                if main and ((cfg.eval_interval and self.step % cfg.eval_interval == 0) or at_end):
+                    last_eval = self.evaluate()
+                    self._log({"kind": "eval", "step": self.step, **last_eval})
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{last_eval['eval_accuracy']:.3f}",
+                                    tok_s=f"{record['tokens_per_s']:,.0f}")
                 interval = self.output_cfg.checkpoint_interval
                 if (interval and self.step % interval == 0) or at_end:
                     self.save_checkpoint()

@@ -2,14 +2,20 @@ import pytest
 import torch
 
 from leanseq.tasks import (
-    IGNORE_INDEX, MQAR_PRESETS, TASKS, InductionHeadsConfig, MQARConfig, SelectiveCopyingConfig, accuracy,
+    IGNORE_INDEX,
+    MQAR_PRESETS,
+    TASKS,
+    InductionHeadsConfig,
+    MQARConfig,
+    SelectiveCopyingConfig,
+    accuracy,
     get_task,
 )
 
 SMALL = {
-    "selective_copying": dict(seq_len=64, num_tokens_to_copy=8),
-    "induction_heads": dict(seq_len=32),
-    "mqar": dict(seq_len=64, num_kv_pairs=4, vocab_size=256),
+    "selective_copying": {"seq_len": 64, "num_tokens_to_copy": 8},
+    "induction_heads": {"seq_len": 32},
+    "mqar": {"seq_len": 64, "num_kv_pairs": 4, "vocab_size": 256},
 }
 
 
@@ -70,7 +76,7 @@ def test_selective_copying_answers_are_the_data_tokens_in_order():
 def test_selective_copying_paper_defaults():
     task = SelectiveCopyingConfig()
     assert (task.seq_len, task.vocab_size, task.num_tokens_to_copy) == (4096, 16, 16)
-    inputs, targets, mask = next(task.batches(2, seed=0))
+    inputs, _targets, mask = next(task.batches(2, seed=0))
     assert inputs.shape == (2, 4096 + 16) and int(mask.sum()) == 32
 
 

@@ -1,4 +1,5 @@
 import dataclasses
+import itertools
 import json
 import math
 import random
@@ -44,12 +45,12 @@ class TinyGRULM(LanguageModel):
         return self.lm_head(self.drop(hidden)), state
 
 
-TINY_MAMBA = dict(family="mamba", vocab_size=16, hidden_size=16, num_hidden_layers=1, state_size=4, expand=2)
+TINY_MAMBA = {"family": "mamba", "vocab_size": 16, "hidden_size": 16, "num_hidden_layers": 1, "state_size": 4, "expand": 2}
 
 
 def _sections(tmp_path, **train):
-    settings = dict(steps=6, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=2, eval_interval=3, eval_batches=2,
-                    eval_batch_size=4, log_interval=1, seed=0)
+    settings = {"steps": 6, "batch_size": 4, "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "eval_interval": 3, "eval_batches": 2,
+                    "eval_batch_size": 4, "log_interval": 1, "seed": 0}
     settings.update(train)
     return TrainSection(**settings), OutputSection(dir=str(tmp_path), progress=False, save_model=False)
 
@@ -61,7 +62,7 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr():
     assert f(3) == pytest.approx(1.0)
     assert f(11) == pytest.approx(0.1)
     decay = [f(s) for s in range(3, 12)]
-    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert all(a > b for a, b in itertools.pairwise(decay))
     midpoint = 3 + (11 - 3) / 2
     assert f(int(midpoint)) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
 
