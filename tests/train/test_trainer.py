@@ -78,27 +78,29 @@ def test_weight_decay_skips_norms_biases_and_ssm_parameters():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-def _gru_trainer(tmp_path, seed_model=0, **train):
+def _gru_trainer(tmp_path, seed_model=0, family="gru", **train):
     torch.manual_seed(seed_model)
     task = get_task("induction_heads", seq_len=12)
-    return Trainer(TinyGRULM(TinyGRUConfig()), task, *_sections(tmp_path, **train))
+    model = TinyGRULM(TinyGRUConfig()) if family == "gru" else build_model(TINY_MAMBA)
+    return Trainer(model, task, *_sections(tmp_path, **train))
 
 
-def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path):
+@pytest.mark.parametrize("family", ["gru", "mamba"])
+def test_resume_reproduces_the_uninterrupted_losses_exactly(tmp_path, family):
     random.seed(0)
     torch.manual_seed(0)
-    full = _gru_trainer(tmp_path / "full")
+    full = _gru_trainer(tmp_path / "full", family=family)
     full.fit()
     assert len(full.losses) == 6
 
-    part = _gru_trainer(tmp_path / "part")
+    part = _gru_trainer(tmp_path / "part", family=family)
     for _ in range(3):
         part.train_step()
     path = part.save_checkpoint(tmp_path / "part" / "mid.pt")
 
     torch.manual_seed(1234)  # scramble every RNG a resume must restore
     random.seed(1234)
-    resumed = _gru_trainer(tmp_path / "part", seed_model=99)
+    resumed = _gru_trainer(tmp_path / "part", seed_model=99, family=family)
     assert resumed.load_checkpoint(path) == 3
     resumed.fit()
     assert resumed.losses == full.losses[3:]  # exactly equal, not approximately
