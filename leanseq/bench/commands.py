@@ -26,7 +26,14 @@ def _positive(kind):
 
 
 def register(subparsers) -> None:
-    from leanseq.bench.context import DEFAULT_DECODE_STEPS, DEFAULT_PREFILL_CHUNK, parse_bytes, parse_length
+    from leanseq.bench.context import (
+        DEFAULT_DECODE_STEPS,
+        DEFAULT_PREFILL_CHUNK,
+        DEFAULT_TIME_BUDGET,
+        DEFAULT_TOTAL_BUDGET,
+        parse_bytes,
+        parse_length,
+    )
     from leanseq.bench.spec import DEFAULT_MODEL_A, DEFAULT_MODEL_B
     from leanseq.energy import add_cli_arguments
 
@@ -55,8 +62,12 @@ def register(subparsers) -> None:
                    help=f"single steps timed at each context (default {DEFAULT_DECODE_STEPS}; --quick: 8)")
     p.add_argument("--memory-budget", type=_arg(parse_bytes, "--memory-budget"), default="8GB",
                    help="skip a model at a length whose estimated memory exceeds this (default 8GB; bare number = GB)")
-    p.add_argument("--time-budget", type=_arg(_positive(float), "--time-budget"), default=120.0,
-                   help="seconds per model per length; skip where the extrapolated time exceeds it (default 120)")
+    p.add_argument("--time-budget", type=_arg(_positive(float), "--time-budget"), default=DEFAULT_TIME_BUDGET,
+                   help="seconds per model per length; skip where the extrapolated time exceeds it "
+                   f"(default {DEFAULT_TIME_BUDGET:g})")
+    p.add_argument("--total-budget", type=_arg(_positive(float), "--total-budget"), default=DEFAULT_TOTAL_BUDGET,
+                   help="seconds for the whole race; skip runs predicted to end past it "
+                   f"(default {DEFAULT_TOTAL_BUDGET:g}, so the defaults finish within 10 minutes)")
     p.add_argument("--prefill-chunk", type=_arg(_positive(int), "--prefill-chunk"), default=DEFAULT_PREFILL_CHUNK,
                    help=f"tokens per chunk of a recurrent model's stream (default {DEFAULT_PREFILL_CHUNK})")
     p.add_argument("--threads", type=_arg(_positive(int), "--threads"), default=None,
@@ -102,6 +113,7 @@ def run_context_command(args: argparse.Namespace) -> int:
     results = run_context_race(
         model_a, model_b, lengths, names=names, sources=(source_a, source_b), decode_steps=steps,
         warmup_steps=1 if quick else 4, memory_budget=args.memory_budget, time_budget=args.time_budget,
+        total_budget=args.total_budget,
         prefill_chunk=args.prefill_chunk, seed=args.seed, meter=meter, progress=not args.no_progress,
     )
     table = format_table(results)

@@ -17,7 +17,8 @@ which model goes first (the machine's speed drifts), each model is measured twic
     (a) is filled separately, chunk by chunk through its cached path, and reported as `kv_cache_fill`.
 
 Before each model runs at a length its memory and time are estimated; a model that would exceed the budgets
-(or its absolute-position limit) is skipped there, and the row says why.
+(memory; time per model per length; what is left of the whole race's time) or its absolute-position limit is
+skipped there, and the row says why.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ DEFAULT_LENGTHS = [2**k for k in range(10, 21, 2)]  # 2^10, 2^12, ... 2^20
 QUICK_LENGTHS = [64, 128, 256]
 DEFAULT_DECODE_STEPS = 64
 DEFAULT_MEMORY_BUDGET = 8e9  # bytes
-DEFAULT_TIME_BUDGET = 120.0  # seconds, per model per length
+DEFAULT_TIME_BUDGET = 240.0  # seconds, per model per length
+DEFAULT_TOTAL_BUDGET = 540.0  # seconds for the whole race: the defaults finish within 10 minutes
 DEFAULT_PREFILL_CHUNK = 4096  # tokens per chunk of a recurrent model's stream
 KV_FILL_MASK_BYTES = 64e6  # the cached path builds a (groups*C, S) mask (bool, then float): keep it this small
 JSON_NAME, PNG_NAME, TABLE_NAME = "context_race.json", "context_race.png", "context_race.txt"
@@ -124,23 +126,18 @@ def estimate_memory(model: LanguageModel, context: int, decode_steps: int = DEFA
     return parts
 
 
-def predict_seconds(history: list[tuple[int, float]], context: int, default_exponent: float) -> tuple[float, str]:
-    """Extrapolate a model's time at `context` from its (context, seconds) history at shorter contexts.
+def predict_seconds(last_context: int, last_seconds: float, context: int, exponent: float) -> tuple[float, str]:
+    """Extrapolate a model's time at `context` from its time at a shorter one: seconds x (ratio ** exponent).
 
-    With two or more points the growth exponent is fitted to the last two (clamped to [1, 2]: a stream's cost
-    grows at least linearly and attention's at most quadratically); with one point `default_exponent` is used.
+    The runner uses exponent 1 for a recurrent model (its stream continues, so each length reads ratio times
+    the previous length's new tokens) and 2 for a transformer (forward pass and KV-cache fill cost a + bL + cL^2,
+    which grows at most quadratically, so the prediction is an upper bound and a budget is never overrun by
+    much; fitting the exponent from short contexts, where the linear part dominates, underestimates it).
     """
-    if not history:
-        raise ValueError("predict_seconds needs at least one measured (context, seconds) point")
-    last_len, last_s = history[-1]
-    exponent = default_exponent
-    if len(history) >= 2:
-        prev_len, prev_s = history[-2]
-        if prev_s > 0 and last_s > 0 and last_len != prev_len:
-            exponent = math.log(last_s / prev_s) / math.log(last_len / prev_len)
-    exponent = min(2.0, max(1.0, exponent))
-    predicted = last_s * (context / last_len) ** exponent
-    return predicted, f"{last_s:.3g} s at {last_len} x ({context}/{last_len})^{exponent:.2f}"
+    if last_context < 1 or context < 1 or last_seconds < 0:
+        raise ValueError(f"need positive contexts and non-negative seconds, got {last_context}, {context}, {last_seconds}")
+    predicted = last_seconds * (context / last_context) ** exponent
+    return predicted, f"{last_seconds:.3g} s at {last_context} x ({context}/{last_context})^{exponent:g}"
 
 
 def _fmt_bytes(n: float) -> str:
@@ -294,7 +291,7 @@ def _run_one(stream: _Stream, tokens: torch.Tensor, L: int, steps: int, warmup: 
 
 
 def _skip_reason(stream: _Stream, L: int, steps: int, chunk: int, memory_budget: float,
-                 time_budget: float) -> tuple[str | None, dict]:
+                 time_budget: float, time_left: float) -> tuple[str | None, dict]:
     cfg = stream.model.config
     estimate = {"memory": estimate_memory(stream.model, L, steps, chunk)}
     if stream.stopped:
@@ -311,10 +308,13 @@ def _skip_reason(stream: _Stream, L: int, steps: int, chunk: int, memory_budget:
             what = f"state + chunk activations {_fmt_bytes(mem['total'])}"
         return f"skipped: {what} > {_fmt_bytes(memory_budget)} memory budget", estimate
     if stream.history:
-        seconds, basis = predict_seconds(stream.history, L, 2.0 if stream.transformer else 1.0)
+        seconds, basis = predict_seconds(*stream.history[-1], L, 2.0 if stream.transformer else 1.0)
         estimate["time_s"], estimate["time_basis"] = seconds, basis
         if seconds > time_budget:
             return f"skipped: predicted {seconds:.0f} s > {time_budget:g} s time budget ({basis})", estimate
+        if seconds > time_left:
+            return (f"skipped: predicted {seconds:.0f} s > {max(time_left, 0):.0f} s left of the total budget "
+                    f"({basis})"), estimate
     return None, estimate
 
 
@@ -330,6 +330,7 @@ def run_context_race(
     warmup_steps: int = 4,
     memory_budget: float = DEFAULT_MEMORY_BUDGET,
     time_budget: float = DEFAULT_TIME_BUDGET,
+    total_budget: float = DEFAULT_TOTAL_BUDGET,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     seed: int = 0,
     meter: Meter | None = None,
@@ -366,7 +367,9 @@ def run_context_race(
             order = streams if index % 2 == 0 else streams[::-1]  # alternate who goes first: speed drifts
             for stream in order:
                 bar.set_postfix_str(f"{stream.name} @ {L}")
-                reason, estimate = _skip_reason(stream, L, decode_steps, prefill_chunk, memory_budget, time_budget)
+                time_left = total_budget - (time.perf_counter() - started)
+                reason, estimate = _skip_reason(stream, L, decode_steps, prefill_chunk, memory_budget, time_budget,
+                                                time_left)
                 row = {"context": L, "model": stream.name, "status": "skipped" if reason else "ok",
                        "reason": reason, "estimate": estimate}
                 if reason is None:
@@ -392,7 +395,7 @@ def run_context_race(
         "energy": {"method": meter.method, "backend": meter.backend_name, "why": meter.backend_reason},
         "settings": {
             "decode_steps": decode_steps, "warmup_steps": warmup_steps, "memory_budget_bytes": memory_budget,
-            "time_budget_s_per_model_per_length": time_budget, "prefill_chunk": prefill_chunk, "seed": seed,
+            "time_budget_s_per_model_per_length": time_budget, "total_budget_s": total_budget, "prefill_chunk": prefill_chunk, "seed": seed,
             "token_vocab": vocab,
         },
         "metadata": {**run_metadata(), "load_average_1m": {"start": load_start, "end": load_end}},

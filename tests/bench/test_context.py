@@ -110,16 +110,18 @@ def test_time_budget_and_absolute_positions_skip_with_reasons():
         "skipped: context 128 + 2 decode steps > max_position_embeddings 100 (absolute positions)")
 
 
-def test_predict_seconds_fits_and_clamps_the_growth_exponent():
-    assert race.predict_seconds([(1024, 2.0)], 4096, 2.0)[0] == pytest.approx(32.0)
-    assert race.predict_seconds([(1024, 2.0)], 4096, 1.0)[0] == pytest.approx(8.0)
-    # fitted: 1 s -> 8 s over 4x is exponent 1.5
-    assert race.predict_seconds([(1024, 1.0), (4096, 8.0)], 16384, 2.0)[0] == pytest.approx(64.0)
-    # a cost that fell (noise) still grows at least linearly; one that exploded at most quadratically
-    assert race.predict_seconds([(1024, 4.0), (4096, 1.0)], 16384, 2.0)[0] == pytest.approx(4.0)
-    assert race.predict_seconds([(1024, 1.0), (4096, 100.0)], 16384, 1.0)[0] == pytest.approx(1600.0)
-    with pytest.raises(ValueError, match="at least one"):
-        race.predict_seconds([], 1024, 1.0)
+def test_predict_seconds_scales_by_the_context_ratio():
+    assert race.predict_seconds(1024, 2.0, 4096, 2.0)[0] == pytest.approx(32.0)
+    assert race.predict_seconds(1024, 2.0, 4096, 1.0)[0] == pytest.approx(8.0)
+    assert race.predict_seconds(1024, 2.0, 4096, 1.0)[1] == "2 s at 1024 x (4096/1024)^1"
+    with pytest.raises(ValueError, match="positive contexts"):
+        race.predict_seconds(0, 1.0, 1024, 1.0)
+
+
+def test_total_budget_skips_what_would_end_past_it():
+    results = _tiny_race(build_from_spec("mamba"), build_from_spec("transformer"), [32, 64], total_budget=1e-6)
+    later = [r for r in results["rows"] if r["context"] == 64]
+    assert all(r["status"] == "skipped" and "left of the total budget" in r["reason"] for r in later)
 
 
 def test_memory_estimate_matches_the_real_kv_cache_and_constant_recurrent_state():
