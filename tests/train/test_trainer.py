@@ -192,3 +192,17 @@ def test_run_from_config_trains_mamba_resumes_and_saves_a_loadable_model(tmp_pat
     assert train_steps == [1, 2, 3, 4, 5] and summary["step"] == 5
     assert [r["loss"] for r in records if r["kind"] == "train"][:4] == losses_first
     assert json.loads((tmp_path / "run_config.json").read_text())["train"]["steps"] == 5
+
+
+def test_gradients_are_clipped_to_grad_clip_before_the_optimizer_step(tmp_path):
+    trainer = _gru_trainer(tmp_path, grad_clip=0.05)
+    seen = []
+
+    def record_norm(optimizer, args, kwargs):
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    trainer.optimizer.register_step_pre_hook(record_norm)
+    record = trainer.train_step()
+    assert record["grad_norm"] > 0.05  # the unclipped norm is reported
+    assert seen[0] == pytest.approx(0.05, rel=1e-4)  # the optimizer saw the clipped gradients
