@@ -342,7 +342,7 @@ def run_context_race(
     in run order, each with "status" ok/skipped/failed and "reason"), "summary" (ratio lines), "energy"
     (method and why), "metadata" (machine, threads, versions), "settings".
     """
-    lengths = sorted(set(int(n) for n in lengths))
+    lengths = sorted({int(n) for n in lengths})
     if not lengths or lengths[0] < 1:
         raise ValueError(f"lengths must be positive integers, got {lengths}")
     if decode_steps < 1 or warmup_steps < 0 or prefill_chunk < 1:
@@ -451,7 +451,7 @@ def summary_lines(results: dict) -> list[str]:
         at = max(shorter) if shorter else both[0]
         ja = ok_a[at]["decode"]["energy_per_token"]["joules"]
         jb = ok_b[at]["decode"]["energy_per_token"]["joules"]
-        note = "" if at == 2**16 else f" (2^16 not completed by both; nearest shared context)"
+        note = "" if at == 2**16 else " (2^16 not completed by both; nearest shared context)"
         lines.append(f"decode energy per token at context {at}{note}: {b} / {a} = {_ratio(jb, ja)} "
                      f"({jb:.3g} J vs {ja:.3g} J)")
         longest = both[-1]
