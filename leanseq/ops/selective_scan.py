@@ -77,13 +77,91 @@ def _prefix_scan(dA: torch.Tensor, dBu: torch.Tensor):
     return dA, dBu
 
 
+def _discretize(u, delta, A, B, sl):
+    """One chunk's decays and inputs: (exp(delta A), delta u B), each (B, T, D, N)."""
+    dt = _acc(delta[:, sl])  # (B, T, D)
+    dA = torch.exp(dt[..., None] * A)
+    dBu = (dt * _acc(u[:, sl]))[..., None] * _acc(B[:, sl, None, :])
+    return dt, dA, dBu
+
+
+def _loop_scan(a: torch.Tensor, x: torch.Tensor, h: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """h_t = a_t * h_{t-1} + x_t along dim 1, in place into one buffer: each step reads and writes only a
+    cache-resident (B, D, N) slice, which on a CPU beats any vectorised formulation. reverse=True runs
+    from the last step to the first (the adjoint recurrence of the backward pass)."""
+    out = torch.empty_like(x)
+    steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
+    for t in steps:
+        h = torch.addcmul(x[:, t], a[:, t], h, out=out[:, t])
+    return out
+
+
+class _SequentialChunkScan(torch.autograd.Function):
+    """Chunked scan with an in-place loop inside each chunk and a hand-written backward.
+
+    Forward keeps only each chunk's start state. Backward walks the chunks in reverse, recomputes a chunk's
+    states from its start state, runs the adjoint recurrence g_t = C_t dy_t + a_{t+1} g_{t+1} and turns it
+    into gradients for u, delta, A, B, C and the initial state. Peak memory stays one chunk of (B, T, D, N).
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, h0, chunk_size):
+        A_dtype, A = A.dtype, _acc(A)
+        starts = []
+        ys = []
+        h = h0
+        for start in range(0, u.shape[1], chunk_size):
+            sl = slice(start, start + chunk_size)
+            starts.append(h)
+            _, dA, dBu = _discretize(u, delta, A, B, sl)
+            H = _loop_scan(dA, dBu, h)  # (B, T, D, N)
+            h = H[:, -1].clone()
+            ys.append(torch.einsum("btdn,btn->btd", H, _acc(C[:, sl])))
+        ctx.save_for_backward(u, delta, A, B, C, *starts)
+        ctx.chunk_size = chunk_size
+        ctx.A_dtype = A_dtype
+        y = torch.cat(ys, dim=1) if ys else A.new_zeros(u.shape[0], 0, u.shape[2])
+        return y, h
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_h):
+        u, delta, A, B, C, *starts = ctx.saved_tensors
+        q = ctx.chunk_size
+        g = torch.zeros_like(starts[0]) if grad_h is None else _acc(grad_h)  # dL/dh flowing in from the future
+        grad_y = torch.zeros(u.shape, dtype=A.dtype, device=u.device) if grad_y is None else _acc(grad_y)
+        du, ddelta = torch.empty_like(_acc(u)), torch.empty_like(_acc(delta))
+        dB, dC = torch.empty_like(_acc(B)), torch.empty_like(_acc(C))
+        dA_param = torch.zeros_like(A)
+        for idx in range(len(starts) - 1, -1, -1):
+            sl = slice(idx * q, idx * q + q)
+            dt, dA, dBu = _discretize(u, delta, A, B, sl)
+            H = _loop_scan(dA, dBu, starts[idx])  # recomputed states of this chunk
+            dy = grad_y[:, sl]  # (B, T, D)
+            Cs = _acc(C[:, sl])
+            # adjoint: G_t = C_t dy_t + a_{t+1} G_{t+1}, and G after the last step is g (from later chunks)
+            a_next = torch.cat([dA[:, 1:], torch.ones_like(dA[:, :1])], dim=1)
+            G = _loop_scan(a_next, dy[..., None] * Cs[:, :, None, :], g, reverse=True)  # (B, T, D, N)
+            H_prev = torch.cat([starts[idx][:, None], H[:, :-1]], dim=1)
+            dC[:, sl] = torch.einsum("btdn,btd->btn", H, dy)
+            g_a = G * H_prev * dA  # dL/d(delta A) per (t, d, n)
+            dA_param += torch.einsum("btdn,btd->dn", g_a, dt)
+            d_du = torch.einsum("btdn,btn->btd", G, _acc(B[:, sl]))  # dL/d(delta u)
+            uc = _acc(u[:, sl])
+            ddelta[:, sl] = torch.einsum("btdn,dn->btd", g_a, A) + d_du * uc
+            du[:, sl] = d_du * dt
+            dB[:, sl] = torch.einsum("btdn,btd->btn", G, dt * uc)
+            g = G[:, 0] * dA[:, 0]  # dL/dh before this chunk
+        return (du.to(u.dtype), ddelta.to(delta.dtype), dA_param.to(ctx.A_dtype), dB.to(B.dtype), dC.to(C.dtype),
+                g, None)
+
+
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, initial_state=None, chunk_size=64, intra_chunk="auto"):
     """The fast path: the sequence in chunks, state passed from chunk to chunk.
 
     Only one chunk's (B, T, D, N) tensors exist at a time, never the whole (B, L, D, N). Inside a chunk the
-    recurrence runs either as a parallel prefix scan (log2 T vectorised steps; differentiable, suits GPUs and
-    training) or as a tight in-place loop (fastest on a CPU when no gradient is needed: each step touches only
-    a cache-resident (B, D, N) slice). "auto" picks the loop exactly when no input requires grad on a CPU.
+    recurrence runs either as a parallel prefix scan (log2 T vectorised steps; suits GPUs) or as a tight
+    in-place loop with a hand-written, recomputing backward (fastest on a CPU, for inference and training).
+    "auto" picks the loop on a CPU and the prefix scan elsewhere.
     """
     _check(u, delta, A, B, C, initial_state)
     if chunk_size < 1:
@@ -91,31 +169,24 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, initial_state=None
     b, length, d = u.shape
     n = A.shape[-1]
     if intra_chunk == "auto":
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (u, delta, A, B, C, initial_state)
-        )
-        intra_chunk = "sequential" if (u.device.type == "cpu" and not needs_grad) else "parallel"
+        intra_chunk = "sequential" if u.device.type == "cpu" else "parallel"
     if intra_chunk not in ("parallel", "sequential"):
         raise ValueError(f"intra_chunk must be 'auto', 'parallel' or 'sequential', got {intra_chunk!r}")
+    acc_dtype = _acc(A).dtype
+    h = A.new_zeros(b, d, n, dtype=acc_dtype) if initial_state is None else _acc(initial_state)
+    if intra_chunk == "sequential":
+        y, h = _SequentialChunkScan.apply(u, delta, A, B, C, h, chunk_size)
+        return _finish(y, u, D, z), h
     A = _acc(A)
-    h = A.new_zeros(b, d, n) if initial_state is None else _acc(initial_state)
     ys = []
     for start in range(0, length, chunk_size):
-        sl = slice(start, start + chunk_size)
-        dt = _acc(delta[:, sl])  # (B, T, D)
-        dA = torch.exp(dt[..., None] * A)  # (B, T, D, N)
-        dBu = (dt * _acc(u[:, sl]))[..., None] * _acc(B[:, sl, None, :])  # (B, T, D, N)
-        if intra_chunk == "parallel":
-            P, X = _prefix_scan(dA, dBu)
-            H = torch.addcmul(X, P, h[:, None])  # (B, T, D, N): state after each step
-            h = H[:, -1]
-        else:
-            H = torch.empty_like(dBu)
-            for t in range(dBu.shape[1]):
-                h = torch.addcmul(dBu[:, t], dA[:, t], h, out=H[:, t])
-        ys.append(torch.einsum("btdn,btn->btd", H, _acc(C[:, sl])))
+        _, dA, dBu = _discretize(u, delta, A, B, slice(start, start + chunk_size))
+        P, X = _prefix_scan(dA, dBu)
+        H = torch.addcmul(X, P, h[:, None])  # (B, T, D, N): state after each step
+        h = H[:, -1]
+        ys.append(torch.einsum("btdn,btn->btd", H, _acc(C[:, start:start + chunk_size])))
     y = torch.cat(ys, dim=1) if ys else A.new_zeros(b, 0, d)
-    return _finish(y, u, D, z), h.clone() if intra_chunk == "sequential" else h
+    return _finish(y, u, D, z), h
 
 
 def selective_scan_step(state, u_t, delta_t, A, B_t, C_t, D=None, z_t=None):
