@@ -101,6 +101,7 @@ def run_context_command(args: argparse.Namespace) -> int:
     lengths = context_lengths(min_len, max_len, factor)
     steps = args.decode_steps or (8 if quick else 64)
 
+    _warn_if_busy(torch.get_num_threads())
     model_a, source_a = resolve_model(args.model_a, seed=args.seed, what="--model-a")
     model_b, source_b = resolve_model(args.model_b, seed=args.seed, what="--model-b")
     names = _names(model_a, model_b)
@@ -124,6 +125,21 @@ def run_context_command(args: argparse.Namespace) -> int:
         print(line)
     print(f"total {results['total_wall_s']:.1f} s; wrote {paths['table']}, {paths['json']}, {paths['plot']}")
     return 0
+
+
+def _warn_if_busy(threads: int) -> None:
+    """Other work on the CPUs makes torch's worker threads wait for a core, which distorts per-token timings."""
+    import os
+    import sys
+
+    try:
+        load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    except (OSError, AttributeError):
+        return
+    if load > cpus - threads + 0.5:
+        hint = " (try --threads 1)" if threads > 1 else ""
+        print(f"warning: load average {load:.1f} on {cpus} CPUs while this run uses {threads} torch threads: "
+              f"other work competes with the benchmark and its timings will be noisy{hint}", file=sys.stderr)
 
 
 def _names(model_a, model_b) -> tuple[str, str]:
