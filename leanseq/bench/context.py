@@ -528,9 +528,9 @@ def plot(results: dict, path: str | os.PathLike) -> Path:
         ax.set_xlabel("context length (tokens)")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     meta = results["metadata"]
-    fig.suptitle(f"context race on {meta['machine']['cpu']}, {meta['torch_threads']} torch threads; "
+    fig.suptitle(f"context race on {meta['machine']['cpu']}, torch threads: {meta['torch_threads']}; "
                  f"energy {results['energy']['method']}", fontsize=9)
     fig.tight_layout()
     path = Path(path)
