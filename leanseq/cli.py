@@ -11,6 +11,7 @@ COMMAND_MODULES = [
     "leanseq.models.commands",
     "leanseq.train.commands",
     "leanseq.bench.commands",
+    "leanseq.bench.repro_commands",
 ]
 
 
