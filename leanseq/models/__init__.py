@@ -47,4 +47,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["load", "model_class", "State", "CheckpointError", "ConfigError", "MODEL_TYPES"]
+__all__ = ["MODEL_TYPES", "CheckpointError", "ConfigError", "State", "load", "model_class"]

@@ -32,28 +32,28 @@ class State:
         """Bytes held by this state's tensors (what a stream costs in memory)."""
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
-    def _map(self, fn_layered, fn_position) -> "State":
+    def _map(self, fn_layered, fn_position) -> State:
         out = {}
         for name, t in self.tensors().items():
             out[name] = fn_position(t) if name == "position" else fn_layered(t)
         return type(self)(**out)
 
-    def clone(self) -> "State":
+    def clone(self) -> State:
         return self._map(lambda t: t.clone(), lambda t: t.clone())
 
-    def detach(self) -> "State":
+    def detach(self) -> State:
         return self._map(lambda t: t.detach(), lambda t: t.detach())
 
-    def to(self, device=None) -> "State":
+    def to(self, device=None) -> State:
         return self._map(lambda t: t.to(device), lambda t: t.to(device))
 
-    def select(self, index) -> "State":
+    def select(self, index) -> State:
         """Rows `index` (a list or LongTensor of batch rows) as a new state."""
         idx = torch.as_tensor(index, dtype=torch.long, device=self.position.device)
         return self._map(lambda t: t.index_select(BATCH_DIM, idx), lambda t: t.index_select(0, idx))
 
     @classmethod
-    def concat(cls, states: list["State"]) -> "State":
+    def concat(cls, states: list[State]) -> State:
         """Stack several states' rows into one batch (the inverse of `select`)."""
         if not states:
             raise ValueError("concat needs at least one state")

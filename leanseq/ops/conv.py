@@ -21,7 +21,7 @@ def causal_conv1d(
 
     Returns (y (B, L, C), new conv_state (B, C, K-1)).
     """
-    batch, length, channels = x.shape
+    batch, _, channels = x.shape
     k = weight.shape[-1]
     if weight.shape != (channels, k):
         raise ValueError(f"conv weight must be (channels={channels}, kernel), got {tuple(weight.shape)}")

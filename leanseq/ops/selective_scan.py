@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from leanseq.ops import native
+
 
 def _check(u, delta, A, B, C, initial_state):
     if u.dim() != 3:
@@ -107,6 +109,11 @@ class _SequentialChunkScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, h0, chunk_size):
         A_dtype, A = A.dtype, _acc(A)
+        if native.supports(u, delta, A, B, C, h0):
+            y, h, start_states = native.selective_scan_fwd(u, delta, A, B, C, h=h0, chunk=chunk_size)
+            ctx.save_for_backward(u, delta, A, B, C, *start_states.unbind(1))
+            ctx.chunk_size, ctx.A_dtype = chunk_size, A_dtype
+            return y, h
         starts = []
         ys = []
         h = h0
@@ -175,6 +182,13 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, initial_state=None
     acc_dtype = _acc(A).dtype
     h = A.new_zeros(b, d, n, dtype=acc_dtype) if initial_state is None else _acc(initial_state)
     if intra_chunk == "sequential":
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, initial_state)
+        )
+        if not needs_grad and native.supports(u, delta, A, B, C, D, z, h):
+            # inference: the compiled kernel also applies the skip connection and the gate
+            y, h, _ = native.selective_scan_fwd(u, delta, A, B, C, D, z, h)
+            return y, h
         y, h = _SequentialChunkScan.apply(u, delta, A, B, C, h, chunk_size)
         return _finish(y, u, D, z), h
     A = _acc(A)
@@ -196,6 +210,14 @@ def selective_scan_step(state, u_t, delta_t, A, B_t, C_t, D=None, z_t=None):
     """
     if state.dim() != 3 or u_t.dim() != 2:
         raise ValueError(f"step wants state (B, D, N) and u_t (B, D); got {tuple(state.shape)}, {tuple(u_t.shape)}")
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (state, u_t, delta_t, A, B_t, C_t, D, z_t)
+    )
+    if not needs_grad and native.supports(state, u_t, delta_t, A, B_t, C_t, D, z_t):
+        y, new_state, _ = native.selective_scan_fwd(
+            u_t[:, None], delta_t[:, None], A, B_t[:, None], C_t[:, None], D, None if z_t is None else z_t[:, None], state
+        )
+        return y[:, 0], new_state
     dt = _acc(delta_t)
     dA = torch.exp(dt[..., None] * _acc(A))
     dBu = (dt * _acc(u_t))[..., None] * _acc(B_t)[:, None, :]

@@ -12,11 +12,11 @@ from leanseq.models import mamba as mamba_module
 from leanseq.models.mamba import MambaConfig, MambaLM
 
 CONFIGS = [
-    dict(vocab_size=97, hidden_size=32, state_size=8, num_hidden_layers=2, time_step_rank=5),
-    dict(vocab_size=64, hidden_size=24, state_size=4, num_hidden_layers=3, expand=3, conv_kernel=3,
-         use_bias=True, tie_word_embeddings=False),
-    dict(vocab_size=50, hidden_size=16, state_size=16, num_hidden_layers=1, use_conv_bias=False,
-         residual_in_fp32=False),
+    {"vocab_size": 97, "hidden_size": 32, "state_size": 8, "num_hidden_layers": 2, "time_step_rank": 5},
+    {"vocab_size": 64, "hidden_size": 24, "state_size": 4, "num_hidden_layers": 3, "expand": 3, "conv_kernel": 3,
+         "use_bias": True, "tie_word_embeddings": False},
+    {"vocab_size": 50, "hidden_size": 16, "state_size": 16, "num_hidden_layers": 1, "use_conv_bias": False,
+         "residual_in_fp32": False},
 ]
 
 
@@ -250,3 +250,23 @@ def test_lti_ablation_is_time_invariant_and_round_trips(tmp_path):
         torch.testing.assert_close(a, b)
     selective = MambaLM(MambaConfig(**CONFIGS[0]))
     assert "selective" not in json.loads(selective.save_pretrained(tmp_path / "sel").joinpath("config.json").read_text())
+
+
+def test_compiled_and_pytorch_scans_give_the_same_model_outputs():
+    from leanseq.ops import native
+
+    torch.manual_seed(7)
+    model = MambaLM(MambaConfig(**CONFIGS[1])).eval()
+    x = torch.randint(0, 64, (2, 50))
+    outputs = {}
+    try:
+        for enabled in (True, False):
+            native.set_enabled(enabled)
+            with torch.no_grad():
+                logits, state = model(x, return_state=True)
+                step_logits, _ = model.step(x[:, 0], state)
+            outputs[enabled] = (logits, state.ssm, step_logits)
+    finally:
+        native.set_enabled(None)
+    for a, b in zip(outputs[True], outputs[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

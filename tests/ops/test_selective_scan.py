@@ -59,7 +59,7 @@ def test_chunked_gradients_match_reference(intra_chunk, loss_on):
     ref_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
     y, h = selective_scan_reference(*ref_inputs[:7], initial_state=ref_inputs[7])
     loss(y, h).backward()
-    for name, g, r in zip("u delta A B C D z h0".split(), grads, ref_inputs):
+    for name, g, r in zip(["u", "delta", "A", "B", "C", "D", "z", "h0"], grads, ref_inputs):
         expected = torch.zeros_like(r) if r.grad is None else r.grad
         torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-4, msg=f"gradient of {name}")
 
@@ -99,7 +99,7 @@ def test_final_state_does_not_alias_outputs():
 
 
 def test_shape_errors_are_named():
-    u, delta, A, B, C, D, z, h0 = make_inputs()
+    u, delta, A, B, C, _, _, h0 = make_inputs()
     with pytest.raises(ValueError, match="delta must match"):
         selective_scan_chunked(u, delta[:, :-1], A, B, C)
     with pytest.raises(ValueError, match="A must be"):

@@ -1,0 +1,145 @@
+"""An optional compiled CPU kernel for the Mamba-1 scan, built on first use with the system C compiler.
+
+PyTorch's eager mode pays a few microseconds per operation, and a scan that steps through time issues one
+operation per token; a plain C loop does the same arithmetic without that toll (and without materialising
+any (B, L, D, N) tensor). The kernel (csrc/selective_scan.c) is compiled once per machine into a cache folder
+($LEANSEQ_CACHE or ~/.cache/leanseq) and loaded with ctypes: no torch headers, so the build takes about a
+second. Threads: ctypes releases the GIL, so channel blocks run in parallel Python threads.
+
+Selection happens once, on first use, never at import: LEANSEQ_NATIVE=0 (or `set_enabled(False)`) keeps the
+pure-PyTorch path; with no compiler the PyTorch path is used and `status()` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).parent / "csrc" / "selective_scan.c"
+_lock = threading.Lock()
+_lib = None
+_reason = "not built yet"
+_enabled: bool | None = None  # None: decided from LEANSEQ_NATIVE on first use
+_pool: ThreadPoolExecutor | None = None
+
+
+def set_enabled(flag: bool | None) -> None:
+    """Force the compiled kernel on (True) or off (False); None returns to the LEANSEQ_NATIVE default."""
+    global _enabled
+    _enabled = flag
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LEANSEQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "leanseq")
+    return Path(root) / "native"
+
+
+def _cpu_tag() -> str:
+    """Builds use -march=native, so a cached library is only valid on the same kind of processor."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "model name")):
+                flags += line
+    except OSError:
+        pass
+    return hashlib.sha256((platform.machine() + flags).encode()).hexdigest()[:12]
+
+
+def _build() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (install gcc or set CC); using the PyTorch scan")
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
+    target = _cache_dir() / f"selective_scan-{key}-{_cpu_tag()}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        cmd = [compiler, "-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", str(_SOURCE), "-o", tmp, "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(f"compiling the scan kernel failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+        os.replace(tmp, target)  # atomic: concurrent builders never load a half-written library
+    lib = ctypes.CDLL(str(target))
+    fn = lib.leanseq_selective_scan_fwd
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 7
+    return lib
+
+
+def available() -> bool:
+    """Whether the compiled kernel is in use (builds it on the first call)."""
+    global _lib, _reason
+    enabled = _enabled if _enabled is not None else os.environ.get("LEANSEQ_NATIVE", "1") != "0"
+    if not enabled:
+        _reason = "disabled (LEANSEQ_NATIVE=0 or set_enabled(False))"
+        return False
+    if _lib is None:
+        with _lock:
+            if _lib is None and _reason == "not built yet":
+                try:
+                    _lib = _build()
+                    _reason = "compiled kernel in use"
+                except (RuntimeError, OSError) as exc:
+                    _reason = str(exc)
+    return _lib is not None
+
+
+def status() -> str:
+    available()
+    return _reason
+
+
+def supports(*tensors) -> bool:
+    """The kernel handles float32 CPU tensors only; anything else takes the PyTorch path."""
+    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors) and available()
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, h=None, chunk: int = 0, threads: int | None = None):
+    """Run the kernel. Returns (y (B, L, D), final h (B, D, N), chunk start states (B, n_chunks, D, N) or None).
+
+    `h` is the initial state; it is copied, never modified.
+    """
+    global _pool
+    batch, length, dim = u.shape
+    nstate = A.shape[-1]
+    u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
+    D = None if D is None else D.contiguous()
+    z = None if z is None else z.contiguous()
+    h = torch.zeros(batch, dim, nstate) if h is None else h.detach().clone(memory_format=torch.contiguous_format)
+    y = torch.empty(batch, length, dim)
+    starts = torch.empty(batch, (length + chunk - 1) // chunk, dim, nstate) if chunk > 0 else None
+    fn = _lib.leanseq_selective_scan_fwd
+    args = [_ptr(t) for t in (u, delta, A, B, C, D, z, h, y, starts)]
+    threads = threads or torch.get_num_threads()
+    # one thread unless there is enough work to pay for waking another (a single decode step is not)
+    work = batch * length * dim * nstate
+    blocks = max(1, min(threads, dim // 64, work // 200_000 + 1))
+    if blocks == 1:
+        fn(*args, batch, length, dim, nstate, chunk, 0, dim)
+    else:
+        if _pool is None or _pool._max_workers < blocks:
+            _pool = ThreadPoolExecutor(max_workers=blocks, thread_name_prefix="leanseq-scan")
+        edges = [dim * i // blocks for i in range(blocks + 1)]
+        futures = [_pool.submit(fn, *args, batch, length, dim, nstate, chunk, edges[i], edges[i + 1])
+                   for i in range(blocks)]
+        for f in futures:
+            f.result()
+    return y, h, starts
