@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import os
 import platform
 import shutil
@@ -77,6 +78,9 @@ def _build() -> ctypes.CDLL:
     fn = lib.leanseq_selective_scan_fwd
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 7
+    bwd = lib.leanseq_selective_scan_bwd
+    bwd.restype = ctypes.c_int
+    bwd.argtypes = [ctypes.c_void_p] * 14 + [ctypes.c_int64] * 7
     return lib
 
 
@@ -117,7 +121,6 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, h=None, chunk: int = 0
 
     `h` is the initial state; it is copied, never modified.
     """
-    global _pool
     batch, length, dim = u.shape
     nstate = A.shape[-1]
     u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
@@ -126,20 +129,57 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, h=None, chunk: int = 0
     h = torch.zeros(batch, dim, nstate) if h is None else h.detach().clone(memory_format=torch.contiguous_format)
     y = torch.empty(batch, length, dim)
     starts = torch.empty(batch, (length + chunk - 1) // chunk, dim, nstate) if chunk > 0 else None
-    fn = _lib.leanseq_selective_scan_fwd
     args = [_ptr(t) for t in (u, delta, A, B, C, D, z, h, y, starts)]
-    threads = threads or torch.get_num_threads()
-    # one thread unless there is enough work to pay for waking another (a single decode step is not)
-    work = batch * length * dim * nstate
-    blocks = max(1, min(threads, dim // 64, work // 200_000 + 1))
-    if blocks == 1:
-        fn(*args, batch, length, dim, nstate, chunk, 0, dim)
-    else:
-        if _pool is None or _pool._max_workers < blocks:
-            _pool = ThreadPoolExecutor(max_workers=blocks, thread_name_prefix="leanseq-scan")
-        edges = [dim * i // blocks for i in range(blocks + 1)]
-        futures = [_pool.submit(fn, *args, batch, length, dim, nstate, chunk, edges[i], edges[i + 1])
-                   for i in range(blocks)]
-        for f in futures:
-            f.result()
+    _run_blocks(_lib.leanseq_selective_scan_fwd, args, (batch, length, dim, nstate, chunk), threads,
+                batch * length * dim * nstate)
     return y, h, starts
+
+
+def _channel_blocks(dim: int, threads: int | None, work: int) -> list[tuple[int, int]]:
+    """Split channels across threads, but use one thread unless the work pays for waking another."""
+    threads = threads or torch.get_num_threads()
+    blocks = max(1, min(threads, dim // 64, work // 200_000 + 1))
+    edges = [dim * i // blocks for i in range(blocks + 1)]
+    return list(itertools.pairwise(edges))
+
+
+def _run_blocks(fn, args, sizes, threads, work, per_block_args=None):
+    """Call fn(*args, *sizes, d0, d1) for each channel block, in parallel threads (ctypes drops the GIL)."""
+    global _pool
+    blocks = _channel_blocks(sizes[2], threads, work)
+    calls = [(*(per_block_args(i) if per_block_args else args), *sizes, d0, d1) for i, (d0, d1) in enumerate(blocks)]
+    if len(calls) == 1:
+        results = [fn(*calls[0])]
+    else:
+        if _pool is None or _pool._max_workers < len(calls):
+            _pool = ThreadPoolExecutor(max_workers=len(calls), thread_name_prefix="leanseq-scan")
+        results = [f.result() for f in [_pool.submit(fn, *c) for c in calls]]
+    if any(results):
+        raise MemoryError("the compiled scan kernel could not allocate its work buffers")
+    return len(calls)
+
+
+def selective_scan_bwd(u, delta, A, B, C, starts, grad_y, grad_h, chunk: int, threads: int | None = None):
+    """Gradients of y = scan(u, delta, A, B, C, h0) (no skip, no gate) given the forward's chunk start states.
+
+    Returns (du, ddelta, dA, dB, dC, dh0), all float32.
+    """
+    batch, length, dim = u.shape
+    nstate = A.shape[-1]
+    u, delta, A, B, C, starts = (t.contiguous() for t in (u, delta, A, B, C, starts))
+    grad_y = grad_y.contiguous()
+    grad_h = None if grad_h is None else grad_h.contiguous()
+    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+    dA = torch.zeros_like(A)
+    dh0 = torch.empty(batch, dim, nstate)
+    blocks = _channel_blocks(dim, threads, batch * length * dim * nstate)
+    dB_parts = torch.zeros(len(blocks), *B.shape)
+    dC_parts = torch.zeros(len(blocks), *C.shape)
+    shared = [_ptr(t) for t in (u, delta, A, B, C, starts, grad_y, grad_h, du, ddelta, dA)]
+
+    def block_args(i):
+        return [*shared, dB_parts[i].data_ptr(), dC_parts[i].data_ptr(), dh0.data_ptr()]
+
+    _run_blocks(_lib.leanseq_selective_scan_bwd, None, (batch, length, dim, nstate, chunk), threads,
+                batch * length * dim * nstate, per_block_args=block_args)
+    return du, ddelta, dA, dB_parts.sum(0), dC_parts.sum(0), dh0

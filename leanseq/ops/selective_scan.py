@@ -134,6 +134,12 @@ class _SequentialChunkScan(torch.autograd.Function):
     def backward(ctx, grad_y, grad_h):
         u, delta, A, B, C, *starts = ctx.saved_tensors
         q = ctx.chunk_size
+        if native.supports(u, delta, A, B, C, starts[0]):
+            gy = torch.zeros_like(u) if grad_y is None else grad_y.float()
+            du, ddelta, dA_param, dB, dC, dh0 = native.selective_scan_bwd(
+                u, delta, A, B, C, torch.stack(starts, 1), gy, grad_h, q
+            )
+            return du, ddelta, dA_param.to(ctx.A_dtype), dB, dC, dh0, None
         g = torch.zeros_like(starts[0]) if grad_h is None else _acc(grad_h)  # dL/dh flowing in from the future
         grad_y = torch.zeros(u.shape, dtype=A.dtype, device=u.device) if grad_y is None else _acc(grad_y)
         du, ddelta = torch.empty_like(_acc(u)), torch.empty_like(_acc(delta))
