@@ -28,7 +28,7 @@ from leanseq.bench.context import estimate_memory, is_transformer, predict_secon
 
 BUNDLED = {"mamba": "induction-mamba", "transformer": "induction-transformer"}
 DEFAULT_LENGTHS = tuple(4**k for k in range(4, 11))  # 2^8, 2^10, ..., 2^20
-DEFAULT_EVAL_TOKENS = 2**19  # per model and length: samples = this // L, within [1, 32]
+DEFAULT_EVAL_TOKENS = 2**17  # per model and length: samples = this // L, within [1, 32]
 TARGET_ENERGY_RATIO = 100.0
 EVAL_SEED = 2**30 + 7  # held out from every training stream
 

@@ -68,6 +68,9 @@ class TrainingSettings:
     seed: int = 0
     checkpoint_interval: int = 100  # so an interrupted run resumes close to where it stopped
     scan_chunk_size: int = 16  # Mamba's training scan chunk: shorter prefix scans are faster on a CPU
+    # (seq_len, batch_size, steps) stages trained before the main stage, shortest first. A short sequence
+    # carries one answer like a long one, so short stages give many more answers per second of CPU.
+    curriculum: tuple[tuple[int, int, int], ...] = ()
 
     def section(self, steps: int | None = None, lr: float | None = None):
         from leanseq.train import TrainSection
@@ -188,8 +191,22 @@ def mamba_scan_chunk(size: int):
 def train(model, task, training: TrainingSettings, out_dir: Path, progress: bool = True) -> dict:
     """Train `model` on `task` with the Trainer, resuming from out_dir/checkpoint.pt when it is there.
 
-    Returns {"steps", "final_loss", "train_s", "resumed_from"}; the trained model is saved in out_dir/model.
+    The curriculum stages (if any) run first, each in out_dir/stage<i>-len<L> on the same task at length L.
+    Returns {"steps", "final_loss", "train_s", "resumed_from", "curriculum"}; the model is saved in out_dir/model.
     """
+    stages = []
+    for i, (seq_len, batch_size, steps) in enumerate(training.curriculum):
+        stage = dataclasses.replace(training, batch_size=batch_size, steps=steps, curriculum=())
+        info = _train_stage(model, dataclasses.replace(task, seq_len=seq_len), stage,
+                            out_dir / f"stage{i}-len{seq_len}", progress)
+        stages.append({"seq_len": seq_len, "batch_size": batch_size, **info})
+    info = _train_stage(model, task, training, out_dir, progress)
+    info["curriculum"] = stages
+    info["train_s"] += sum(stage["train_s"] for stage in stages)
+    return info
+
+
+def _train_stage(model, task, training: TrainingSettings, out_dir: Path, progress: bool) -> dict:
     from leanseq.train import OutputSection, Trainer
 
     output = OutputSection(dir=str(out_dir), checkpoint_interval=training.checkpoint_interval, resume=True,
@@ -416,8 +433,10 @@ def format_induction_table(results: dict) -> str:
         trainable = ("" if info["trained_parameters"] == info["num_parameters"]
                      else f", of which {info['trained_parameters']:,} can train")
         loss = f"; final training loss {t['final_loss']:.3g}" if t.get("final_loss") is not None else ""
+        stages = "".join(f"{c['steps']} steps x batch {c['batch_size']} at length {c['seq_len']}, then "
+                         for c in t.get("curriculum", []))
         lines.append(f"- {info['paper_row']} ({info['class']}, {info['num_parameters']:,} parameters{trainable}): "
-                     f"{t['steps']} steps x batch {tr['batch_size']} at length {s['train_len']}, lr {tr['lr']:g} "
+                     f"{stages}{t['steps']} steps x batch {tr['batch_size']} at length {s['train_len']}, lr {tr['lr']:g} "
                      f"constant after {tr['warmup_steps']} warm-up steps, Adam (no weight decay), grad clip "
                      f"{tr['grad_clip']:g}{loss}")
     reasons = {}

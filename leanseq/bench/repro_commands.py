@@ -55,6 +55,9 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=_positive_float, default=None, help="Mamba learning rate (default 3e-3)")
     p.add_argument("--transformer-lr", type=_positive_float, default=None, help="transformer lr (default 1e-3)")
     p.add_argument("--models", default=None, help="comma-separated subset of mamba,mha-abs,mha-rope")
+    p.add_argument("--curriculum", type=parse_curriculum, default=None,
+                   help="stages trained first, e.g. 64x32:500 = 500 steps of batch 32 at length 64 "
+                   "(comma-separated, shortest first; the same for every model)")
     p.add_argument("--max-len", type=_positive_int, default=None, help="longest test length (default 2^20)")
     p.add_argument("--eval-tokens", type=_positive_int, default=None,
                    help="tokens per model and length; samples = this / length within [min, max] (default 65536)")
@@ -81,6 +84,25 @@ def register(subparsers) -> None:
     from leanseq.bench.demo import register_demo
 
     register_demo(subparsers)
+
+
+def parse_curriculum(text: str) -> tuple[tuple[int, int, int], ...]:
+    """'64x32:500,128x16:200' -> ((64, 32, 500), (128, 16, 200)): length x batch : steps per stage."""
+    stages = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            shape, steps = item.split(":")
+            length, batch = shape.lower().split("x")
+            stage = (int(length), int(batch), int(steps))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"curriculum stage {item!r} is not LENGTHxBATCH:STEPS, e.g. 64x32:500") from None
+        if min(stage) < 1:
+            raise argparse.ArgumentTypeError(f"curriculum stage {item!r}: every number must be positive")
+        stages.append(stage)
+    if not stages:
+        raise argparse.ArgumentTypeError("--curriculum is empty; e.g. 64x32:500")
+    return tuple(stages)
 
 
 def _models(text: str | None, allowed: tuple[str, ...]) -> tuple[str, ...] | None:
@@ -114,6 +136,9 @@ def run_induction_command(args) -> int:
     s.transformer = dataclasses.replace(s.transformer, seed=args.seed,
                                         **_set(steps=args.transformer_steps, lr=args.transformer_lr))
     s.models = _models(args.models, ("mamba", "mha-abs", "mha-rope")) or s.models
+    if args.curriculum:
+        s.mamba = dataclasses.replace(s.mamba, curriculum=args.curriculum)
+        s.transformer = dataclasses.replace(s.transformer, curriculum=args.curriculum)
     if args.max_len:
         s.test_lengths = tuple(n for n in s.test_lengths if n <= args.max_len) or (args.max_len,)
     for key, value in (("eval_tokens", args.eval_tokens), ("min_samples", args.min_samples),

@@ -153,7 +153,8 @@ def test_demo_quick_on_bundled_checkpoints(tmp_path, capsys):
         assert r["status"] == "ok" and r["method"].startswith("estimated")
     # the recurrent state is the same size at every length; the KV cache grows with the context
     assert rows["mamba", 16]["state_bytes"] == rows["mamba", 256]["state_bytes"]
-    assert rows["transformer", 256]["state_bytes"] == 16 * rows["transformer", 16]["state_bytes"]
+    kv_16, kv_256 = rows["transformer", 16]["state_bytes"], rows["transformer", 256]["state_bytes"]
+    assert 15.9 < kv_256 / kv_16 <= 16  # the KV cache is linear in the context (plus a position counter)
     assert results["headline"]["length"] == 256
     assert "| 2^8 (256) | mamba |" in report and "estimated" in report
 
@@ -171,3 +172,30 @@ def test_bundled_checkpoints_load_and_solve_induction_heads_at_256():
 def test_bundled_path_rejects_unknown_model():
     with pytest.raises(ValueError, match="no bundled demo model"):
         demo.bundled_path("rwkv")
+
+
+def test_curriculum_trains_short_stages_first_and_resumes(tmp_path):
+    settings = repro.quick_induction_settings()
+    training = dataclasses.replace(settings.mamba, curriculum=((16, 4, 2),))
+    model = repro.induction_model("mamba", settings)
+    task = InductionHeadsConfig(seq_len=32)
+    info = repro.train(model, task, training, tmp_path / "run", progress=False)
+    assert [(c["seq_len"], c["batch_size"], c["steps"]) for c in info["curriculum"]] == [(16, 4, 2)]
+    assert info["steps"] == 3
+    assert (tmp_path / "run" / "stage0-len16" / "model" / "config.json").is_file()
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    # a second call resumes both stages from their checkpoints and trains nothing more
+    again = repro.induction_model("mamba", settings)
+    info = repro.train(again, task, training, tmp_path / "run", progress=False)
+    assert info["resumed_from"] == 3 and info["curriculum"][0]["resumed_from"] == 2
+    for key, value in again.state_dict().items():
+        torch.testing.assert_close(value, trained[key], rtol=0, atol=0)
+
+
+def test_parse_curriculum():
+    from leanseq.bench.repro_commands import parse_curriculum
+
+    assert parse_curriculum("64x32:500, 128x16:200") == ((64, 32, 500), (128, 16, 200))
+    for bad in ("64:500", "64x32", "0x32:5", ""):
+        with pytest.raises(Exception, match="curriculum"):
+            parse_curriculum(bad)
