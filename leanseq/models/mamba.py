@@ -13,10 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanseq.models.base import LanguageModel
 from leanseq.models.config import ConfigBase, ConfigError
-from leanseq.models.layers import RMSNorm
-from leanseq.models.state import State
+from leanseq.models.ssm import ConvSSMState, SSMLanguageModel
 from leanseq.ops import causal_conv1d, causal_conv1d_step
 from leanseq.ops.selective_scan import selective_scan_chunked, selective_scan_reference, selective_scan_step
 
@@ -100,9 +98,8 @@ class MambaConfig(ConfigBase):
 
 
 @dataclasses.dataclass
-class MambaState(State):
-    conv: torch.Tensor  # (n_layers, B, intermediate, conv_kernel - 1)
-    ssm: torch.Tensor  # (n_layers, B, intermediate, state_size), float32
+class MambaState(ConvSSMState):
+    """conv (n_layers, B, intermediate, conv_kernel - 1); ssm (n_layers, B, intermediate, state_size) float32."""
 
 
 class MambaMixer(nn.Module):
@@ -162,100 +159,27 @@ class LTIMixer(MambaMixer):
         return delta, self.B_lti.expand(shape), self.C_lti.expand(shape)
 
 
-class MambaBlock(nn.Module):
-    def __init__(self, config: MambaConfig):
-        super().__init__()
-        self.residual_in_fp32 = config.residual_in_fp32
-        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.mixer = MambaMixer(config) if config.selective else LTIMixer(config)
-
-    def forward(self, x, conv_state, ssm_state, step: bool = False):
-        residual = x.float() if self.residual_in_fp32 else x
-        mix = self.mixer.step if step else self.mixer
-        out, conv_state, ssm_state = mix(self.norm(x.to(self.norm.weight.dtype)), conv_state, ssm_state)
-        return residual + out, conv_state, ssm_state
-
-
-class MambaBackbone(nn.Module):
-    def __init__(self, config: MambaConfig):
-        super().__init__()
-        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(MambaBlock(config) for _ in range(config.num_hidden_layers))
-        self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-
-
-class MambaLM(LanguageModel):
+class MambaLM(SSMLanguageModel):
     config_class = MambaConfig
     state_class = MambaState
     hf_architecture = "MambaForCausalLM"
 
-    def __init__(self, config: MambaConfig):
-        super().__init__(config)
-        self.backbone = MambaBackbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.reset_parameters()
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.backbone.embeddings.weight
+    @staticmethod
+    def make_mixer(config: MambaConfig) -> nn.Module:
+        return MambaMixer(config) if config.selective else LTIMixer(config)
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Initialisation for training from scratch, following the Mamba reference recipe."""
+    def state_shapes(self):
         cfg = self.config
-        nn.init.normal_(self.backbone.embeddings.weight, std=0.02)
-        nn.init.normal_(self.lm_head.weight, std=0.02)
-        for block in self.backbone.layers:
-            m = block.mixer
-            for lin in (m.in_proj, getattr(m, "x_proj", None), m.out_proj):
-                if lin is None:  # the LTI ablation has no x_proj
-                    continue
-                nn.init.normal_(lin.weight, std=0.02)
-                if lin.bias is not None:
-                    nn.init.zeros_(lin.bias)
-            # out_proj scaled down with depth so the residual stream stays O(1) (GPT-2 / Mamba recipe)
-            m.out_proj.weight.div_(math.sqrt(2 * cfg.num_hidden_layers))
-            dt_std = cfg.time_step_rank**-0.5 * cfg.time_step_scale
-            nn.init.uniform_(m.dt_proj.weight, -dt_std, dt_std)
-            dt = torch.exp(
-                torch.rand(m.d_inner) * (math.log(cfg.time_step_max) - math.log(cfg.time_step_min))
-                + math.log(cfg.time_step_min)
-            ).clamp(min=cfg.time_step_floor)
-            m.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-            m.A_log.copy_(torch.log(torch.arange(1, m.state_size + 1, dtype=torch.float32)).repeat(m.d_inner, 1))
-            m.D.fill_(1.0)
+        return (cfg.intermediate_size, cfg.conv_kernel - 1), (cfg.intermediate_size, cfg.state_size)
 
-    def init_state(self, batch_size: int, device=None) -> MambaState:
+    def init_mixer(self, m: MambaMixer) -> None:
         cfg = self.config
-        device = device if device is not None else self.device
-        dtype = self.backbone.embeddings.weight.dtype
-        n_layers, d = cfg.num_hidden_layers, cfg.intermediate_size
-        return MambaState(
-            position=torch.zeros(batch_size, dtype=torch.long, device=device),
-            conv=torch.zeros(n_layers, batch_size, d, cfg.conv_kernel - 1, dtype=dtype, device=device),
-            ssm=torch.zeros(n_layers, batch_size, d, cfg.state_size, dtype=torch.float32, device=device),
-        )
-
-    def _run(self, hidden, state: MambaState | None, step: bool):
-        convs, ssms = [], []
-        for i, block in enumerate(self.backbone.layers):
-            conv = state.conv[i] if state is not None else None
-            ssm = state.ssm[i] if state is not None else None
-            hidden, conv, ssm = block(hidden, conv, ssm, step=step)
-            convs.append(conv)
-            ssms.append(ssm)
-        hidden = self.backbone.norm_f(hidden.to(self.backbone.norm_f.weight.dtype))
-        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
-        if state is None:
-            return logits, None
-        length = 1 if step else hidden.shape[1]
-        new_state = MambaState(
-            position=state.position + length,
-            conv=torch.stack(convs).to(state.conv.dtype),
-            ssm=torch.stack(ssms).float(),
-        )
-        return logits, new_state
-
-    def _forward(self, input_ids, state):
-        return self._run(self.backbone.embeddings(input_ids), state, step=False)
-
-    def _step(self, token_ids, state):
-        return self._run(self.backbone.embeddings(token_ids), state, step=True)
+        dt_std = cfg.time_step_rank**-0.5 * cfg.time_step_scale
+        nn.init.uniform_(m.dt_proj.weight, -dt_std, dt_std)
+        dt = torch.exp(
+            torch.rand(m.d_inner) * (math.log(cfg.time_step_max) - math.log(cfg.time_step_min))
+            + math.log(cfg.time_step_min)
+        ).clamp(min=cfg.time_step_floor)
+        m.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        m.A_log.copy_(torch.log(torch.arange(1, m.state_size + 1, dtype=torch.float32)).repeat(m.d_inner, 1))
+        m.D.fill_(1.0)

@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanseq.models.base import LanguageModel
 from leanseq.models.config import ConfigBase, ConfigError
-from leanseq.models.layers import GatedRMSNorm, RMSNorm
-from leanseq.models.state import State
+from leanseq.models.layers import GatedRMSNorm
+from leanseq.models.ssm import ConvSSMState, SSMLanguageModel
 from leanseq.ops import causal_conv1d, causal_conv1d_step
 from leanseq.ops.ssd import ssd_chunked, ssd_reference, ssd_step
 
@@ -124,9 +123,8 @@ class Mamba2Config(ConfigBase):
 
 
 @dataclasses.dataclass
-class Mamba2State(State):
-    conv: torch.Tensor  # (n_layers, B, conv_dim, conv_kernel - 1), model dtype
-    ssm: torch.Tensor  # (n_layers, B, num_heads, head_dim, state_size), float32
+class Mamba2State(ConvSSMState):
+    """conv (n_layers, B, conv_dim, conv_kernel - 1); ssm (n_layers, B, num_heads, head_dim, state_size) float32."""
 
 
 class Mamba2Mixer(nn.Module):
@@ -188,104 +186,29 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y.to(hidden.dtype)), conv_state, ssm_state
 
 
-class Mamba2Block(nn.Module):
-    def __init__(self, config: Mamba2Config):
-        super().__init__()
-        self.residual_in_fp32 = config.residual_in_fp32
-        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.mixer = Mamba2Mixer(config)
-
-    def forward(self, x, conv_state, ssm_state, step: bool = False):
-        residual = x.float() if self.residual_in_fp32 else x
-        mix = self.mixer.step if step else self.mixer
-        out, conv_state, ssm_state = mix(self.norm(x.to(self.norm.weight.dtype)), conv_state, ssm_state)
-        return residual + out, conv_state, ssm_state
-
-
-class Mamba2Backbone(nn.Module):
-    def __init__(self, config: Mamba2Config):
-        super().__init__()
-        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Mamba2Block(config) for _ in range(config.num_hidden_layers))
-        self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-
-
-class Mamba2LM(LanguageModel):
+class Mamba2LM(SSMLanguageModel):
     config_class = Mamba2Config
     state_class = Mamba2State
     hf_architecture = "Mamba2ForCausalLM"
 
-    def __init__(self, config: Mamba2Config):
-        super().__init__(config)
-        self.backbone = Mamba2Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.reset_parameters()
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.backbone.embeddings.weight
+    @staticmethod
+    def make_mixer(config: Mamba2Config) -> nn.Module:
+        return Mamba2Mixer(config)
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Initialisation for training from scratch, following the Mamba-2 reference recipe."""
+    def state_shapes(self):
         cfg = self.config
-        nn.init.normal_(self.backbone.embeddings.weight, std=0.02)
-        nn.init.normal_(self.lm_head.weight, std=0.02)
-        for block in self.backbone.layers:
-            m = block.mixer
-            for lin in (m.in_proj, m.out_proj):
-                nn.init.normal_(lin.weight, std=0.02)
-                if lin.bias is not None:
-                    nn.init.zeros_(lin.bias)
-            # out_proj scaled down with depth so the residual stream stays O(1) (GPT-2 / Mamba recipe)
-            m.out_proj.weight.div_(math.sqrt(2 * cfg.num_hidden_layers))
-            m.conv1d.reset_parameters()
-            # S4D-real style decays: head i forgets at rate i, so heads cover several time scales
-            m.A_log.copy_(torch.log(torch.arange(1, m.num_heads + 1, dtype=torch.float32)))
-            m.D.fill_(1.0)
-            # dt log-uniform in [time_step_min, time_step_max]; dt_bias is its inverse softplus
-            dt = torch.exp(
-                torch.rand(m.num_heads) * (math.log(cfg.time_step_max) - math.log(cfg.time_step_min))
-                + math.log(cfg.time_step_min)
-            ).clamp(min=cfg.time_step_floor)
-            m.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-            m.norm.weight.fill_(1.0)
-            block.norm.weight.fill_(1.0)
-        self.backbone.norm_f.weight.fill_(1.0)
+        return (cfg.conv_dim, cfg.conv_kernel - 1), (cfg.num_heads, cfg.head_dim, cfg.state_size)
 
-    def init_state(self, batch_size: int, device=None) -> Mamba2State:
+    def init_mixer(self, m: Mamba2Mixer) -> None:
         cfg = self.config
-        device = device if device is not None else self.device
-        dtype = self.backbone.embeddings.weight.dtype
-        n_layers = cfg.num_hidden_layers
-        return Mamba2State(
-            position=torch.zeros(batch_size, dtype=torch.long, device=device),
-            conv=torch.zeros(n_layers, batch_size, cfg.conv_dim, cfg.conv_kernel - 1, dtype=dtype,
-                             device=device),
-            ssm=torch.zeros(n_layers, batch_size, cfg.num_heads, cfg.head_dim, cfg.state_size,
-                            dtype=torch.float32, device=device),
-        )
-
-    def _run(self, hidden, state: Mamba2State | None, step: bool):
-        convs, ssms = [], []
-        for i, block in enumerate(self.backbone.layers):
-            conv = state.conv[i] if state is not None else None
-            ssm = state.ssm[i] if state is not None else None
-            hidden, conv, ssm = block(hidden, conv, ssm, step=step)
-            convs.append(conv)
-            ssms.append(ssm)
-        hidden = self.backbone.norm_f(hidden)
-        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
-        if state is None:
-            return logits, None
-        length = 1 if step else hidden.shape[1]
-        new_state = Mamba2State(
-            position=state.position + length,
-            conv=torch.stack(convs).to(state.conv.dtype),
-            ssm=torch.stack(ssms).float(),
-        )
-        return logits, new_state
-
-    def _forward(self, input_ids, state):
-        return self._run(self.backbone.embeddings(input_ids), state, step=False)
-
-    def _step(self, token_ids, state):
-        return self._run(self.backbone.embeddings(token_ids), state, step=True)
+        m.conv1d.reset_parameters()
+        # S4D-real style decays: head i forgets at rate i, so heads cover several time scales
+        m.A_log.copy_(torch.log(torch.arange(1, m.num_heads + 1, dtype=torch.float32)))
+        m.D.fill_(1.0)
+        # dt log-uniform in [time_step_min, time_step_max]; dt_bias is its inverse softplus
+        dt = torch.exp(
+            torch.rand(m.num_heads) * (math.log(cfg.time_step_max) - math.log(cfg.time_step_min))
+            + math.log(cfg.time_step_min)
+        ).clamp(min=cfg.time_step_floor)
+        m.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        m.norm.weight.fill_(1.0)
