@@ -57,7 +57,9 @@ def register(subparsers) -> None:
     p.add_argument("--models", default=None, help="comma-separated subset of mamba,mha-abs,mha-rope")
     p.add_argument("--curriculum", type=parse_curriculum, default=None,
                    help="stages trained first, e.g. 64x32:500 = 500 steps of batch 32 at length 64 "
-                   "(comma-separated, shortest first; the same for every model)")
+                   "(comma-separated, shortest first; for every model unless --transformer-curriculum is given)")
+    p.add_argument("--transformer-curriculum", type=parse_curriculum, default=None,
+                   help="the transformers' own curriculum (default: --curriculum)")
     p.add_argument("--max-len", type=_positive_int, default=None, help="longest test length (default 2^20)")
     p.add_argument("--eval-tokens", type=_positive_int, default=None,
                    help="tokens per model and length; samples = this / length within [min, max] (default 65536)")
@@ -78,7 +80,10 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=_positive_int, default=None, help="training steps per model (default 2000)")
     p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default 3e-3)")
     p.add_argument("--seq-len", type=_positive_int, default=None, help="context length (default 256; paper 4096)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="sequences per step (default 8)")
     p.add_argument("--models", default=None, help="comma-separated subset of lti,selective")
+    p.add_argument("--curriculum", type=parse_curriculum, default=None,
+                   help="stages trained first at shorter contexts, e.g. 32x64:500 (the same for both models)")
     p.set_defaults(func=run_selective_copy_command)
 
     from leanseq.bench.demo import register_demo
@@ -138,7 +143,8 @@ def run_induction_command(args) -> int:
     s.models = _models(args.models, ("mamba", "mha-abs", "mha-rope")) or s.models
     if args.curriculum:
         s.mamba = dataclasses.replace(s.mamba, curriculum=args.curriculum)
-        s.transformer = dataclasses.replace(s.transformer, curriculum=args.curriculum)
+    if args.transformer_curriculum or args.curriculum:
+        s.transformer = dataclasses.replace(s.transformer, curriculum=args.transformer_curriculum or args.curriculum)
     if args.max_len:
         s.test_lengths = tuple(n for n in s.test_lengths if n <= args.max_len) or (args.max_len,)
     for key, value in (("eval_tokens", args.eval_tokens), ("min_samples", args.min_samples),
@@ -164,10 +170,13 @@ def run_selective_copy_command(args) -> int:
     torch.set_num_threads(args.threads)
     s = repro.quick_selective_copy_settings() if args.quick else repro.SelectiveCopySettings()
     s.seed = args.seed
-    s.train = dataclasses.replace(s.train, seed=args.seed, **_set(steps=args.steps, lr=args.lr))
+    s.train = dataclasses.replace(s.train, seed=args.seed,
+                                  **_set(steps=args.steps, lr=args.lr, batch_size=args.batch_size))
     if args.seq_len:
         s.seq_len = args.seq_len
     s.models = _models(args.models, ("lti", "selective")) or s.models
+    if args.curriculum:
+        s.train = dataclasses.replace(s.train, curriculum=args.curriculum)
     results = repro.run_selective_copy(s, args.out, progress=not args.no_progress)
     table = repro.format_selective_copy_table(results)
     paths = repro.write_results(results, args.out, "repro_selective_copy", table, repro.plot_selective_copy,

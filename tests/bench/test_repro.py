@@ -161,7 +161,7 @@ def test_demo_quick_on_bundled_checkpoints(tmp_path, capsys):
 
 def test_bundled_checkpoints_load_and_solve_induction_heads_at_256():
     task = InductionHeadsConfig(seq_len=256)
-    for which, floor in (("mamba", 0.99), ("transformer", 0.9)):
+    for which, floor in (("mamba", 0.99), ("transformer", 0.95)):
         model = demo.load_bundled(which)
         assert model.num_parameters() < 100_000
         assert sum(f.stat().st_size for f in demo.bundled_path(which).iterdir()) < 1_000_000
