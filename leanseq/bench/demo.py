@@ -56,7 +56,7 @@ class DemoSettings:
     max_samples: int = 32
     min_samples: int = 1
     prefill_chunk: int = 4096
-    time_budget: float = 90.0  # seconds per transformer length (predicted quadratically from the last one)
+    time_budget: float = 120.0  # seconds per transformer length (predicted quadratically from the last one)
     memory_budget: float = 8e9  # bytes
     seed: int = EVAL_SEED
 
@@ -66,27 +66,38 @@ class DemoSettings:
 
 # ---- measuring ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def read_sequences(model, inputs: torch.Tensor, prefill_chunk: int):
-    """Read (B, L) sequences; return (last-position logits (B, V), bytes of one stream's state after them)."""
+def read_sequences(model, inputs: torch.Tensor, prefill_chunk: int, progress=None):
+    """Read (B, L) sequences; return (last-position logits (B, V), bytes of one stream's state after them).
+
+    progress(tokens) is called as tokens are read (per chunk for a recurrent model)."""
     rows, length = inputs.shape
     if is_transformer(model):
         # the first prefill into an empty cache is one plain causal pass that also fills the cache
         logits, state = model(inputs, model.init_state(rows, capacity=length), return_state=True)
+        if progress is not None:
+            progress(rows * length)
         return logits[:, -1], state.nbytes() // rows
     state = model.init_state(rows)
     for start in range(0, length, prefill_chunk):
-        logits, state = model(inputs[:, start:start + prefill_chunk], state, return_state=True)
+        chunk = inputs[:, start:start + prefill_chunk]
+        logits, state = model(chunk, state, return_state=True)
+        if progress is not None:
+            progress(chunk.numel())
     return logits[:, -1], state.nbytes() // rows
 
 
-def transformer_skip(model, length: int, settings: DemoSettings, last: tuple[int, float] | None) -> str | None:
+def transformer_skip(model, length: int, samples: int, settings: DemoSettings,
+                     last: tuple[int, float] | None) -> str | None:
+    """Why the transformer is not run at `length`, or None. last = (length, seconds per sequence) of the
+    previous length it completed; a sequence's time is predicted quadratically in its length."""
     memory = estimate_memory(model, length, decode_steps=0)["total"]
     if memory > settings.memory_budget:
         return f"memory: ~{memory / 1e9:.3g} GB > {settings.memory_budget / 1e9:g} GB budget"
     if last is not None:
-        seconds, basis = predict_seconds(last[0], last[1], length, 2.0)
-        if seconds > settings.time_budget:
-            return f"time: predicted {seconds:.0f} s > {settings.time_budget:g} s budget ({basis})"
+        per_sequence, basis = predict_seconds(last[0], last[1], length, 2.0)
+        if per_sequence * samples > settings.time_budget:
+            return (f"time: predicted {per_sequence * samples:.0f} s for {samples} sequences > "
+                    f"{settings.time_budget:g} s budget (per sequence {basis})")
     return None
 
 
@@ -112,7 +123,8 @@ def run_demo(models: dict, settings: DemoSettings, meter=None, progress: bool = 
         for name, model in models.items():
             bar.set_postfix_str(f"{name} @ {length}")
             row = {"model": name, "length": length, "samples": samples}
-            reason = transformer_skip(model, length, settings, last_ok[name]) if is_transformer(model) else None
+            reason = (transformer_skip(model, length, samples, settings, last_ok[name])
+                      if is_transformer(model) else None)
             if reason:
                 row.update(status="skipped", reason=reason)
                 bar.update(samples * length)
@@ -122,12 +134,12 @@ def run_demo(models: dict, settings: DemoSettings, meter=None, progress: bool = 
             correct, state_bytes, t0 = 0, 0, time.perf_counter()
             with meter.measure(f"{name} {length}") as window:
                 for start in range(0, samples, batch):
-                    logits, state_bytes = read_sequences(model, inputs[start:start + batch], settings.prefill_chunk)
+                    logits, state_bytes = read_sequences(model, inputs[start:start + batch], settings.prefill_chunk,
+                                                         progress=bar.update)
                     correct += int((logits.argmax(-1) == answers[start:start + batch]).sum())
-                    bar.update(len(logits) * length)
             seconds = time.perf_counter() - t0
             m = window.result
-            last_ok[name] = (length, seconds)
+            last_ok[name] = (length, seconds / samples)
             row.update(status="ok", correct=correct, accuracy=correct / samples, state_bytes=state_bytes,
                        joules=m.energy_j, joules_per_token=m.energy_j / (samples * length), method=m.method,
                        wall_s=m.wall_s, cpu_s=m.cpu_s, peak_rss_bytes=m.peak_rss_bytes)
@@ -297,8 +309,8 @@ def register_demo(subparsers) -> None:
     p.add_argument("--max-len", type=_positive_int, default=2**20, help="longest context (default 2^20)")
     p.add_argument("--eval-tokens", type=_positive_int, default=DEFAULT_EVAL_TOKENS,
                    help=f"tokens per model and length; samples = this / length in [1, 32] (default {DEFAULT_EVAL_TOKENS})")
-    p.add_argument("--time-budget", type=_positive_float, default=90.0,
-                   help="seconds per transformer length before it is skipped (default 90)")
+    p.add_argument("--time-budget", type=_positive_float, default=120.0,
+                   help="seconds per transformer length before it is skipped (default 120)")
     p.add_argument("--threads", type=_positive_int, default=2, help="torch threads (default 2)")
     p.add_argument("--quick", action="store_true", help="tiny lengths, for tests")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

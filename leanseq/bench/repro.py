@@ -260,11 +260,13 @@ def transformer_skip_reason(model, length: int, rows: int, settings: InductionSe
     memory = estimate_memory(model, length, decode_steps=0)["total"] * rows
     if memory > settings.memory_budget:
         return f"memory: needs ~{memory / 1e9:.3g} GB > {settings.memory_budget / 1e9:.3g} GB budget"
-    if history:
+    if history:  # (length, seconds per sequence) of the lengths done; attention's cost is quadratic
         last_length, last_seconds = history[-1]
-        seconds, basis = predict_seconds(last_length, last_seconds, length, 2.0)  # attention: quadratic
-        if seconds > settings.time_budget:
-            return f"time: predicted {seconds:.0f} s > {settings.time_budget:g} s budget ({basis})"
+        per_sequence, basis = predict_seconds(last_length, last_seconds, length, 2.0)
+        samples = settings.samples_at(length)
+        if per_sequence * samples > settings.time_budget:
+            return (f"time: predicted {per_sequence * samples:.0f} s for {samples} sequences > "
+                    f"{settings.time_budget:g} s budget (per sequence {basis})")
     return None
 
 
@@ -316,7 +318,7 @@ def run_induction(settings: InductionSettings, out_dir: str | os.PathLike, progr
                 correct, n = induction_accuracy(model, task, samples, rows, EVAL_SEED + length,
                                                 settings.prefill_chunk, progress=lambda r, n=length: bar.update(r * n))
                 seconds = time.perf_counter() - t0
-                history.append((length, seconds))
+                history.append((length, seconds / n))
                 entry.update(status="ok", correct=correct, accuracy=correct / n, seconds=seconds)
             results["models"][name]["accuracy"][str(length)] = entry
     bar.close()
@@ -479,6 +481,9 @@ def format_selective_copy_table(results: dict) -> str:
                  + ", ".join(f"{k} {v:g}" for k, v in PAPER_SELECTIVE_COPY.items()
                              if k not in SELECTIVE_COPY_PAPER_ROW.values()) + ").")
     tr = s["train"]
+    stages = "".join(f"{c[2]} steps x batch {c[1]} at context {c[0]}, then " for c in tr.get("curriculum") or ())
+    if stages:
+        lines.append(f"- training curriculum: {stages}{tr['steps']} steps at context {s['seq_len']}")
     lines.append(f"- leanseq: context {s['seq_len']} (paper 4096), {s['num_tokens_to_copy']} tokens to copy, "
                  f"vocabulary {s['vocab_size']}, 2 layers, D = {s['d_model']}; batch {tr['batch_size']}, "
                  f"lr {tr['lr']:g} constant after {tr['warmup_steps']} warm-up steps, Adam (no weight decay) "

@@ -113,9 +113,13 @@ def test_transformer_skip_reasons():
     rope_model = repro.induction_model("mha-rope", settings)
     assert "no position embedding past 64" in repro.transformer_skip_reason(abs_model, 128, 1, settings, [])
     assert repro.transformer_skip_reason(rope_model, 128, 1, settings, []) is None
-    # 1 s at 64 predicts 4 s at 128 (quadratic): over a 3 s budget
-    settings.time_budget = 3.0
-    assert "time: predicted 4 s" in repro.transformer_skip_reason(rope_model, 128, 1, settings, [(64, 1.0)])
+    # 1 s per sequence at 64 predicts 4 s per sequence at 128 (quadratic), x 2 sequences: over a 7 s budget
+    settings.time_budget = 7.0
+    assert settings.samples_at(128) == 2
+    reason = repro.transformer_skip_reason(rope_model, 128, 1, settings, [(64, 1.0)])
+    assert "time: predicted 8 s for 2 sequences" in reason
+    settings.time_budget = 9.0
+    assert repro.transformer_skip_reason(rope_model, 128, 1, settings, [(64, 1.0)]) is None
     settings.memory_budget = 1e3
     assert "memory" in repro.transformer_skip_reason(rope_model, 64, 1, settings, [])
 
