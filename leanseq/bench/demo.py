@@ -231,7 +231,8 @@ def format_report(results: dict, command: str | None = None, sources: dict | Non
     for name, info in results["models"].items():
         src = f" from {sources[name]}" if sources and name in sources else ""
         lines.append(f"- {name}: {info['class']}{src}, {info['num_parameters']:,} parameters, trained on induction "
-                     "heads at length 256")
+                     "heads by `leanseq repro induction` (short-sequence curriculum, then length 256; see "
+                     "docs/repro_induction.md)")
     lines += [
         (f"- energy: {results['energy']['method']} ({results['energy']['why']}); J/token = the Meter's joules "
         "for reading the length's sequences / tokens read"),
@@ -241,10 +242,15 @@ def format_report(results: dict, command: str | None = None, sources: dict | Non
         (f"- transformer budgets: {results['settings']['time_budget']:g} s per length (predicted quadratically), "
         f"{results['settings']['memory_budget'] / 1e9:g} GB"),
         (f"- machine: {meta['machine']['cpu']}, {meta['torch_threads']} torch threads, load average "
-        f"{load['start']} at start and {load['end']} at end (other work on the machine slows both models), "
+        f"{_fmt_load(load['start'])} at start and {_fmt_load(load['end'])} at end (other work on the machine "
+        "slows both models), "
         f"{results['total_wall_s']:.0f} s in all, {meta['date_utc']}"),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _fmt_load(value) -> str:
+    return "unknown" if value is None else f"{value:.2f}"
 
 
 def plot(results: dict, path: str | os.PathLike) -> Path:
