@@ -73,7 +73,7 @@ class LanguageModel(nn.Module):
             raise ValueError(f"{what} must have shape {shape}, got {tuple(input_ids.shape)}")
         if input_ids.numel() == 0:
             raise ValueError(f"{what} is empty (shape {tuple(input_ids.shape)}); pass at least one token")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        lo, hi = (int(v) for v in torch.aminmax(input_ids))
         if lo < 0 or hi >= self.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"{what} holds token id {bad}, outside the vocabulary [0, {self.vocab_size})")

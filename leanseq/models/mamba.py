@@ -115,6 +115,18 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(d_inner))
         self.out_proj = nn.Linear(d_inner, config.hidden_size, bias=config.use_bias)
 
+    def decay_rates(self) -> torch.Tensor:
+        """A = -exp(A_log), (D, N). Cached while no gradient is needed (it is recomputed for every token
+        otherwise); the cache key includes A_log's version counter, so any in-place update invalidates it."""
+        if torch.is_grad_enabled() and self.A_log.requires_grad:
+            return -torch.exp(self.A_log.float())
+        key = (self.A_log._version, self.A_log.data_ptr(), self.A_log.dtype, self.A_log.device)
+        cache = getattr(self, "_decay_cache", None)
+        if cache is None or cache[0] != key:
+            cache = (key, -torch.exp(self.A_log.detach().float()))
+            self._decay_cache = cache
+        return cache[1]
+
     def _ssm_inputs(self, xs: torch.Tensor):
         """From the conv output to the scan's delta, B, C."""
         dt, B, C = torch.split(self.x_proj(xs), [self.rank, self.state_size, self.state_size], dim=-1)
@@ -126,7 +138,7 @@ class MambaMixer(nn.Module):
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, D) each
         xs, conv_state = causal_conv1d(xs, self.conv1d.weight.squeeze(1), self.conv1d.bias, conv_state)
         delta, B, C = self._ssm_inputs(xs)
-        A = -torch.exp(self.A_log.float())  # (D, N)
+        A = self.decay_rates()  # (D, N)
         scan = selective_scan_reference if SCAN_IMPL == "reference" else selective_scan_chunked
         kwargs = {} if SCAN_IMPL == "reference" else {"chunk_size": SCAN_CHUNK_SIZE}
         y, ssm_state = scan(xs, delta, A, B, C, self.D, z, initial_state=ssm_state, **kwargs)
@@ -137,7 +149,7 @@ class MambaMixer(nn.Module):
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, D)
         xs, conv_state = causal_conv1d_step(xs, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias)
         delta, B, C = self._ssm_inputs(xs)
-        A = -torch.exp(self.A_log.float())
+        A = self.decay_rates()
         y, ssm_state = selective_scan_step(ssm_state, xs, delta, A, B, C, self.D, z)
         return self.out_proj(y), conv_state, ssm_state
 

@@ -270,3 +270,17 @@ def test_compiled_and_pytorch_scans_give_the_same_model_outputs():
         native.set_enabled(None)
     for a, b in zip(outputs[True], outputs[False]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_decay_rates_follow_weight_updates():
+    torch.manual_seed(8)
+    model = MambaLM(MambaConfig(**CONFIGS[0])).eval()
+    x = torch.randint(0, 97, (1, 6))
+    with torch.no_grad():
+        before = model(x)
+        model.backbone.layers[0].mixer.A_log.mul_(0.5)  # in place, as an optimizer step or load would do
+        after = model(x)
+        model.backbone.layers[0].mixer.A_log.mul_(2.0)
+        restored = model(x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(restored, before)
