@@ -72,8 +72,6 @@ class MambaConfig(ConfigBase):
             if data.get("selective", False):
                 raise ConfigError("model_type 'leanseq_mamba_lti' needs selective=false")
             data.update(model_type="mamba", selective=False)
-        elif data.get("selective") is False:
-            raise ConfigError("selective=false checkpoints must have model_type 'leanseq_mamba_lti'")
         return super().from_dict(data, strict=strict)
 
     def __post_init__(self):

@@ -77,3 +77,12 @@ def test_missing_file_and_bad_toml(tmp_path):
     no_family.write_text('[task]\nname = "mqar"\n')
     with pytest.raises(ValueError, match="model.family is required"):
         load_config(no_family)
+
+
+def test_a_training_config_can_ask_for_the_lti_ablation():
+    from leanseq.train.trainer import build_model
+
+    model = build_model({"family": "mamba", "selective": False, "hidden_size": 16, "num_hidden_layers": 1,
+                         "vocab_size": 16})
+    assert model.config.selective is False
+    assert not hasattr(model.backbone.layers[0].mixer, "x_proj")
