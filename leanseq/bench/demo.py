@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from leanseq.bench.context import estimate_memory, is_transformer, predict_seconds, run_metadata
+from leanseq.bench.repro import _load_average
 
 BUNDLED = {"mamba": "induction-mamba", "transformer": "induction-transformer"}
 DEFAULT_LENGTHS = tuple(4**k for k in range(4, 11))  # 2^8, 2^10, ..., 2^20
@@ -157,13 +158,6 @@ def run_demo(models: dict, settings: DemoSettings, meter=None, progress: bool = 
     }
     results["headline"] = headline(results)
     return results
-
-
-def _load_average():
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
 
 
 def _ok(results: dict, name: str) -> dict[int, dict]:
