@@ -3,7 +3,8 @@ length 256, read ever longer contexts (2^8 .. 2^20 tokens); per length we print 
 (with the energy Meter's method label) and the memory one stream's state takes, then the headline ratio.
 
 The bundled checkpoints (leanseq/data/induction-mamba, leanseq/data/induction-transformer) were produced by
-`leanseq repro induction` (see docs/repro_induction.md); `--train` trains fresh ones instead.
+`leanseq repro induction`, the Mamba then trained further at long lengths by
+benchmarks/induction_mamba_more_training.py (see docs/repro_induction.md); `--train` trains fresh ones instead.
 
 At each length L the models read the same held-out induction-heads sequences, exactly as the task defines
 them. A recurrent model streams each sequence in chunks through `model(x, state, return_state=True)`, so its
@@ -225,8 +226,7 @@ def format_report(results: dict, command: str | None = None, sources: dict | Non
     for name, info in results["models"].items():
         src = f" from {sources[name]}" if sources and name in sources else ""
         lines.append(f"- {name}: {info['class']}{src}, {info['num_parameters']:,} parameters, trained on induction "
-                     "heads by `leanseq repro induction` (short-sequence curriculum, then length 256; see "
-                     "docs/repro_induction.md)")
+                     "heads (the bundled models' training is in docs/repro_induction.md)")
     lines += [
         (f"- energy: {results['energy']['method']} ({results['energy']['why']}); J/token = the Meter's joules "
         "for reading the length's sequences / tokens read"),
