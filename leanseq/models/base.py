@@ -12,6 +12,7 @@ Subclasses implement `_forward(input_ids, state) -> (logits, state)`, `init_stat
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from leanseq.models.generation import stream_tokens
 from leanseq.models.state import State
 
 
-class LanguageModel(nn.Module):
+class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
     config_class: ClassVar[type[ConfigBase]]
     state_class: ClassVar[type[State]]
 
@@ -35,11 +36,13 @@ class LanguageModel(nn.Module):
         self.config = config
 
     # ---- to implement -------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def _forward(self, input_ids: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State | None]:
-        raise NotImplementedError
+        """(B, L) ids and a state (or None: no state wanted) -> (logits (B, L, V), new state or None)."""
 
+    @abc.abstractmethod
     def init_state(self, batch_size: int, device=None) -> State:
-        raise NotImplementedError
+        """A fresh state for `batch_size` rows: the state before any token."""
 
     def _step(self, token_ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         logits, state = self._forward(token_ids[:, None], state)

@@ -7,6 +7,7 @@ lm_head), so checkpoints move between leanseq and transformers unchanged.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 
@@ -61,15 +62,17 @@ class SSMLanguageModel(LanguageModel):
             self.lm_head.weight = self.backbone.embeddings.weight
 
     @staticmethod
+    @abc.abstractmethod
     def make_mixer(config) -> nn.Module:
-        raise NotImplementedError
+        """The family's mixer for one layer."""
 
+    @abc.abstractmethod
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Per-row shapes of one layer's (conv state, SSM state)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def init_mixer(self, mixer: nn.Module) -> None:
-        raise NotImplementedError
+        """The family's own initialisation of a mixer's SSM parameters."""
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -27,11 +27,16 @@ class TinyGRUConfig(ConfigBase):
     dropout: float = 0.2
 
 
+@dataclasses.dataclass
+class GRUState(State):
+    hidden: torch.Tensor  # (1, B, H): layer first, batch second, like every leanseq state
+
+
 class TinyGRULM(LanguageModel):
     """Embedding + GRU + head with dropout, so a resume is exact only if the torch RNG state is restored."""
 
     config_class = TinyGRUConfig
-    state_class = State
+    state_class = GRUState
 
     def __init__(self, config):
         super().__init__(config)
@@ -40,9 +45,16 @@ class TinyGRULM(LanguageModel):
         self.drop = nn.Dropout(config.dropout)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
 
+    def init_state(self, batch_size, device=None):
+        return GRUState(position=torch.zeros(batch_size, dtype=torch.long, device=device),
+                        hidden=torch.zeros(1, batch_size, self.config.hidden_size, device=device))
+
     def _forward(self, input_ids, state):
-        hidden, _ = self.gru(self.embed(input_ids))
-        return self.lm_head(self.drop(hidden)), state
+        hidden, last = self.gru(self.embed(input_ids), None if state is None else state.hidden)
+        logits = self.lm_head(self.drop(hidden))
+        if state is None:
+            return logits, None
+        return logits, GRUState(position=state.position + input_ids.shape[1], hidden=last)
 
 
 TINY_MAMBA = {"family": "mamba", "vocab_size": 16, "hidden_size": 16, "num_hidden_layers": 1, "state_size": 4, "expand": 2}
