@@ -12,6 +12,7 @@ stream is reproducible from its seed and can be checkpointed with `state_dict()`
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import difflib
 from typing import ClassVar, NamedTuple
@@ -27,19 +28,20 @@ class Batch(NamedTuple):
     loss_mask: torch.Tensor  # (B, L) bool
 
 
-class TaskConfig:
-    """Mixin for a task's config dataclass. Subclasses set `name` and implement `_generate`."""
+class TaskConfig(abc.ABC):
+    """Mixin for a task's config dataclass. Subclasses set `name` and implement `_generate` and `total_len`."""
 
     name: ClassVar[str] = ""
 
     # ---- to implement -------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def _generate(self, batch_size: int, generator: torch.Generator) -> Batch:
-        raise NotImplementedError
+        """One batch; `generate` has already checked the arguments."""
 
     @property
+    @abc.abstractmethod
     def total_len(self) -> int:
         """L, the length of every generated sequence."""
-        raise NotImplementedError
 
     # ---- shared -------------------------------------------------------------------------------------------
     def generate(self, batch_size: int, generator: torch.Generator) -> Batch:
