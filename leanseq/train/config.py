@@ -155,17 +155,24 @@ def _dataclass_from(cls, section: str, data: dict[str, Any]):
     return cls(**kwargs)
 
 
+def _pop_choice(data: dict[str, Any], dotted: str, choices: list[str], noun: str, plural: str) -> str:
+    """Remove and return the required key `dotted` (section.key) from `data`, naming the choices if it is
+    missing or unknown, with the closest match as a hint."""
+    value = data.pop(dotted.split(".", 1)[1], None)
+    if value is None:
+        raise ValueError(f"{dotted} is required (one of: {', '.join(choices)})")
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{dotted}: unknown {noun} {value!r}{hint} ({plural}: {', '.join(choices)})")
+    return value
+
+
 def _model_section(data: dict[str, Any], task_vocab: int) -> dict[str, Any]:
     from leanseq.models import model_class
 
     data = dict(data)
-    family = data.pop("family", None)
-    if family is None:
-        raise ValueError(f"model.family is required (one of: {', '.join(MODEL_FAMILIES)})")
-    if family not in MODEL_FAMILIES:
-        close = difflib.get_close_matches(str(family), list(MODEL_FAMILIES), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"model.family: unknown family {family!r}{hint} (families: {', '.join(MODEL_FAMILIES)})")
+    family = _pop_choice(data, "model.family", list(MODEL_FAMILIES), "family", "families")
     config_cls = model_class(MODEL_FAMILIES[family]).config_class
     fields = {f.name for f in dataclasses.fields(config_cls) if f.init}
     resolved: dict[str, Any] = {}
@@ -190,13 +197,7 @@ def _model_section(data: dict[str, Any], task_vocab: int) -> dict[str, Any]:
 
 def _task_section(data: dict[str, Any]):
     data = dict(data)
-    name = data.pop("name", None)
-    if name is None:
-        raise ValueError(f"task.name is required (one of: {', '.join(sorted(TASKS))})")
-    if name not in TASKS:
-        close = difflib.get_close_matches(str(name), list(TASKS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"task.name: unknown task {name!r}{hint} (tasks: {', '.join(sorted(TASKS))})")
+    name = _pop_choice(data, "task.name", sorted(TASKS), "task", "tasks")
     cls = TASKS[name]
     fields = [f.name for f in dataclasses.fields(cls)]
     for key in data:
