@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import typing
 from pathlib import Path
@@ -34,6 +35,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
+from leanseq.models.config import ConfigError
 from leanseq.tasks import TASKS
 
 # [model] family -> the model_type whose class leanseq.models.model_class returns
@@ -50,6 +52,18 @@ MODEL_KEY_ALIASES = {
 }
 
 SECTIONS = ("model", "task", "train", "output")
+
+
+def _check_int(section: str, name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{section}.{name}: must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(section: str, name: str, value: float, expected: str, in_range) -> None:
+    """Refuse NaN, infinities and values outside `in_range`, naming the key and what it must be."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not in_range(value):
+        raise ConfigError(f"{section}.{name}: must be {expected}, got {value!r}")
 
 
 @dataclasses.dataclass
@@ -72,20 +86,21 @@ class TrainSection:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_batches", "eval_batch_size", "log_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_interval", "weight_decay", "grad_clip", "min_lr"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
-        if self.min_lr > self.lr:
-            raise ValueError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
+            _check_int("train", name, getattr(self, name), minimum=1)
+        for name in ("warmup_steps", "eval_interval"):
+            _check_int("train", name, getattr(self, name), minimum=0)
+        # NaN passes every `<` comparison and inf passes `> 0`, so finiteness is checked first, by name
+        _check_float("train", "lr", self.lr, "a finite positive number", lambda v: v > 0)
+        _check_float("train", "min_lr", self.min_lr, "a finite number >= 0", lambda v: v >= 0)
+        _check_float("train", "weight_decay", self.weight_decay, "a finite number >= 0", lambda v: v >= 0)
+        _check_float("train", "grad_clip", self.grad_clip, "a finite number >= 0 (0 disables clipping)",
+                     lambda v: v >= 0)
         for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+            _check_float("train", name, getattr(self, name), "a finite number in [0, 1)", lambda v: 0 <= v < 1)
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
         if self.device not in ("cpu", "cuda", "auto"):
-            raise ValueError(f"train.device must be cpu, cuda or auto, got {self.device!r}")
+            raise ConfigError(f"train.device: must be cpu, cuda or auto, got {self.device!r}")
 
 
 @dataclasses.dataclass
@@ -97,8 +112,7 @@ class OutputSection:
     progress: bool = True  # tqdm progress bar (rank 0 only)
 
     def __post_init__(self):
-        if self.checkpoint_interval < 0:
-            raise ValueError(f"output.checkpoint_interval must be >= 0, got {self.checkpoint_interval}")
+        _check_int("output", "checkpoint_interval", self.checkpoint_interval, minimum=0)
 
 
 @dataclasses.dataclass

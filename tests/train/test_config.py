@@ -86,3 +86,35 @@ def test_a_training_config_can_ask_for_the_lti_ablation():
                          "vocab_size": 16})
     assert model.config.selective is False
     assert not hasattr(model.backbone.layers[0].mixer, "x_proj")
+
+
+@pytest.mark.parametrize("key", ["lr", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_optimizer_settings_are_refused_naming_the_key(key, value):
+    from leanseq.models.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_config(EXAMPLE, [f"train.{key}={value}"])
+    message = str(info.value)
+    assert message.startswith(f"train.{key}: must be a finite") and message.endswith(f"got {float(value)}")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.lr=0", "train.lr: must be a finite positive number, got 0.0"),
+        ("train.lr=-1e-3", "train.lr: must be a finite positive number, got -0.001"),
+        ("train.weight_decay=-0.1", "train.weight_decay: must be a finite number >= 0, got -0.1"),
+        ("train.grad_clip=-1", "train.grad_clip: must be a finite number >= 0 (0 disables clipping), got -1.0"),
+        ("train.beta2=1", "train.beta2: must be a finite number in [0, 1), got 1.0"),
+        ("train.warmup_steps=-1", "train.warmup_steps: must be an integer >= 0, got -1"),
+        ("train.batch_size=0", "train.batch_size: must be an integer >= 1, got 0"),
+        ("output.checkpoint_interval=-2", "output.checkpoint_interval: must be an integer >= 0, got -2"),
+    ],
+)
+def test_out_of_range_settings_are_refused_naming_the_key(override, message):
+    from leanseq.models.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_config(EXAMPLE, [override])
+    assert str(info.value) == message
