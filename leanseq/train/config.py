@@ -108,6 +108,9 @@ class OutputSection:
     dir: str = "runs/default"  # checkpoint.pt, metrics.jsonl, config.toml-equivalent JSON and model/ go here
     checkpoint_interval: int = 0  # steps between checkpoints; 0 writes one only at the end
     resume: bool = True  # continue from dir/checkpoint.pt when it exists
+    # resume even though the model, task or a trajectory-shaping [train] setting (seed, batch_size, lr, ...)
+    # differs from the checkpoint's; without it such a resume is refused, naming the changed keys
+    allow_config_change: bool = False
     save_model: bool = True  # write dir/model (config.json + safetensors, loadable by leanseq.load)
     progress: bool = True  # tqdm progress bar (rank 0 only)
 

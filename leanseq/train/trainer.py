@@ -11,11 +11,13 @@ Under torchrun it wraps the model in DistributedDataParallel; see distributed.py
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,12 +28,17 @@ from leanseq.tasks import TASKS, TaskConfig
 from leanseq.train import distributed
 from leanseq.train.checkpoint import TrainCheckpointError, load_train_state, save_train_state
 from leanseq.train.config import MODEL_FAMILIES, OutputSection, RunConfig, TrainSection
+from leanseq.train.lock import OutputDirBusyError, OutputDirLock
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG_FILE = "run_config.json"
 MODEL_DIR = "model"
 EVAL_SEED_OFFSET = 2**32  # the held-out stream never coincides with any run's training stream
+# [train] settings that only steer evaluation, logging, the end of the run or where it runs: a resume may
+# change them (with a warning). Every other setting, and the model and task, shape the steps already taken.
+RESUMABLE_TRAIN_KEYS = frozenset({"steps", "eval_interval", "eval_batches", "eval_batch_size", "log_interval",
+                                  "device"})
 
 
 def build_model(model_config: dict) -> nn.Module:
@@ -87,6 +94,50 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _metrics_lines_up_to(path: Path, step: int) -> list[str]:
+    """The lines of metrics.jsonl whose step is <= `step`.
+
+    A last line that does not parse is what a run killed in the middle of a write leaves: it is dropped with
+    a warning. A bad line anywhere else is damage nobody should resume over: TrainCheckpointError naming it.
+    """
+    lines = path.read_bytes().split(b"\n")
+    if lines and not lines[-1].strip():
+        lines.pop()  # the newline after the last record
+    kept = []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            problem = None if isinstance(record, dict) and isinstance(record.get("step", 0), int) \
+                else "not a JSON object with an integer step"
+        except ValueError as exc:
+            problem = str(exc)
+        if problem is not None:
+            if number == len(lines):
+                warnings.warn(f"{path}: dropping its last line {number}, cut off by an interrupted write "
+                              f"({problem})", stacklevel=3)
+                continue
+            raise TrainCheckpointError(
+                f"{path}: line {number} is not a metrics record ({problem}); repair or delete that line to resume"
+            )
+        if record.get("step", 0) <= step:
+            kept.append(raw.decode())
+    return kept
+
+
+def _changes(old, new, prefix: str) -> dict[str, tuple]:
+    """{'section.key': (old, new)} for every key whose value differs (the whole value when not dicts)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return {} if old == new else {prefix: (old, new)}
+    return {f"{prefix}.{key}": (old.get(key), new.get(key))
+            for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)}
+
+
+def _describe(changes: dict[str, tuple]) -> str:
+    return "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+
+
 class Trainer:
     def __init__(
         self,
@@ -126,6 +177,36 @@ class Trainer:
         self.out_dir = Path(output.dir)
         self.checkpoint_path = self.out_dir / CHECKPOINT_FILE
         self.metrics_path = self.out_dir / METRICS_FILE
+        self._output_lock = OutputDirLock(self.out_dir)  # taken by rank 0 only
+        self._holds_output = False  # on every rank: whether rank 0 holds the lock for this trainer
+
+    # ---- the output folder's lock -------------------------------------------------------------------------
+    def _hold_output_dir(self) -> None:
+        """Lock output.dir for this run (rank 0 takes the lock), or fail on every rank at once.
+
+        A second run on the same folder is refused here, before it writes anything, instead of silently
+        interleaving checkpoints and metrics with the first.
+        """
+        if self._holds_output:
+            return
+        failure = None
+        if self.dist.is_main:
+            try:
+                self._output_lock.acquire()
+            except OSError as exc:
+                failure = exc
+        if self.dist.enabled:  # every rank learns rank 0's outcome, so none waits at a collective forever
+            box = [None if failure is None else str(failure)]
+            torch.distributed.broadcast_object_list(box, src=0)
+            if failure is None and box[0] is not None:
+                failure = OutputDirBusyError(f"rank 0: {box[0]}")
+        if failure is not None:
+            raise failure
+        self._holds_output = True
+
+    def _release_output_dir(self) -> None:
+        self._output_lock.release()
+        self._holds_output = False
 
     # ---- one step -----------------------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -176,6 +257,13 @@ class Trainer:
     def fit(self) -> dict:
         from tqdm.auto import tqdm
 
+        self._hold_output_dir()  # before anything is written to output.dir
+        try:
+            return self._fit(tqdm)
+        finally:
+            self._release_output_dir()
+
+    def _fit(self, tqdm) -> dict:
         cfg, main = self.train_cfg, self.dist.is_main
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -235,7 +323,7 @@ class Trainer:
     def _identity(self) -> dict:
         config = getattr(self.model, "config", None)
         model_id = config.to_dict() if hasattr(config, "to_dict") else type(self.model).__name__
-        return {"model": model_id, "task": self.task.to_dict()}
+        return {"model": model_id, "task": self.task.to_dict(), "train": dataclasses.asdict(self.train_cfg)}
 
     def state_dict(self) -> dict:
         rng = {
@@ -264,16 +352,55 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: str | os.PathLike | None = None) -> int:
-        """Restore everything from a checkpoint of this same model and task; returns the step."""
+        """Restore everything from a checkpoint of this same model and task; returns the step.
+
+        Holds output.dir's lock from here to the end of fit() (it rewrites metrics.jsonl). A checkpoint
+        written with other settings that shape the training (model, task, seed, batch size, learning-rate
+        schedule, optimizer) is refused unless output.allow_config_change is set; changed evaluation, logging,
+        device or step-count settings are accepted with a warning.
+        """
         path = Path(path) if path is not None else self.checkpoint_path
-        state = load_train_state(path)
+        self._hold_output_dir()
+        try:
+            return self._load_checkpoint(path)
+        except BaseException:
+            self._release_output_dir()
+            raise
+
+    def _saved_train_settings(self, path: Path, identity: dict) -> dict | None:
+        """The [train] settings the checkpoint was written with; older checkpoints lack them, and then the
+        run_config.json beside the checkpoint (written when that run started) stands in, if readable."""
+        if "train" in identity:
+            return identity["train"]
+        try:
+            return json.loads((path.parent / RUN_CONFIG_FILE).read_text())["train"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _check_settings_match(self, path: Path, state: dict) -> None:
         mine = self._identity()
-        for key in ("model", "task"):
-            if state["identity"][key] != mine[key]:
-                raise TrainCheckpointError(
-                    f"{path} was written for a different {key}: checkpoint has {state['identity'][key]}, "
-                    f"this run has {mine[key]}"
-                )
+        saved_train = self._saved_train_settings(path, state["identity"])
+        changed = {**_changes(state["identity"]["model"], mine["model"], "model"),
+                   **_changes(state["identity"]["task"], mine["task"], "task")}
+        if saved_train is not None:
+            changed.update(_changes(saved_train, mine["train"], "train"))
+        harmless = {k: v for k, v in changed.items() if k.removeprefix("train.") in RESUMABLE_TRAIN_KEYS}
+        shaping = {k: v for k, v in changed.items() if k not in harmless}
+        if shaping and not self.output_cfg.allow_config_change:
+            kinds = " and ".join(noun for section, noun in (("model", "model"), ("task", "task"), ("train", "training setup"))
+                                 if any(k.split(".")[0] == section for k in shaping))
+            raise TrainCheckpointError(
+                f"{path} was written for a different {kinds}: "
+                f"{_describe(shaping)} (checkpoint -> this run). Resume with the checkpoint's values, set "
+                f"output.allow_config_change=true to continue with the new ones anyway, or start a new output.dir"
+            )
+        if changed and self.dist.is_main:
+            warnings.warn(f"resuming {path} with changed settings, which apply from step "
+                          f"{int(state['step']) + 1} on: {_describe(changed)}", stacklevel=4)
+
+    def _load_checkpoint(self, path: Path) -> int:
+        state = load_train_state(path)
+        self._check_settings_match(path, state)
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
@@ -288,8 +415,7 @@ class Trainer:
         self.step = int(state["step"])
         if self.dist.is_main and self.metrics_path.exists():
             # drop records of steps after the checkpoint: the resumed run writes them again
-            kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
+            kept = _metrics_lines_up_to(self.metrics_path, self.step)
             _atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
         return self.step
 

@@ -218,3 +218,86 @@ def test_gradients_are_clipped_to_grad_clip_before_the_optimizer_step(tmp_path):
     record = trainer.train_step()
     assert record["grad_norm"] > 0.05  # the unclipped norm is reported
     assert seen[0] == pytest.approx(0.05, rel=1e-4)  # the optimizer saw the clipped gradients
+
+
+# ---- resuming from a damaged or different run ----------------------------------------------------------------
+def test_a_torn_last_metrics_line_is_dropped_on_resume_with_a_warning(tmp_path):
+    _gru_trainer(tmp_path, steps=3).fit()
+    metrics = tmp_path / "metrics.jsonl"
+    with open(metrics, "a") as fh:
+        fh.write('{"kind": "train", "step": 4, "lo')  # a run killed in the middle of writing step 4
+    resumed = _gru_trainer(tmp_path, steps=4)
+    with pytest.warns(UserWarning, match=rf"{metrics}: dropping its last line 5, cut off"):
+        assert resumed.load_checkpoint() == 3
+    resumed.fit()
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("bad_line", ["garbage", "[1, 2]", '{"step": "three"}'])
+def test_a_corrupt_metrics_line_before_the_last_is_an_error_naming_file_and_line(tmp_path, bad_line):
+    _gru_trainer(tmp_path, steps=3).fit()
+    metrics = tmp_path / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    lines[1] = bad_line
+    metrics.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TrainCheckpointError, match=rf"{metrics}: line 2 is not a metrics record"):
+        _gru_trainer(tmp_path, steps=3).load_checkpoint()
+    assert metrics.read_text().splitlines()[1] == bad_line  # left as it was
+
+
+@pytest.mark.parametrize(
+    "key,new",
+    [("seed", 1), ("batch_size", 8), ("lr", 5e-3), ("min_lr", 1e-4), ("warmup_steps", 1), ("weight_decay", 0.5),
+     ("grad_clip", 0.5), ("beta2", 0.9)],
+)
+def test_resuming_with_a_setting_that_shapes_the_training_is_refused_unless_allowed(tmp_path, key, new):
+    _gru_trainer(tmp_path, steps=2).fit()
+    old = getattr(_sections(tmp_path)[0], key)
+    with pytest.raises(TrainCheckpointError) as info:
+        _gru_trainer(tmp_path, steps=4, **{key: new}).load_checkpoint()
+    message = str(info.value)
+    assert f"different training setup: train.{key}: {old!r} -> {new!r}" in message
+    assert "output.allow_config_change=true" in message
+
+    torch.manual_seed(0)
+    train, output = _sections(tmp_path, steps=4, **{key: new})
+    forced = Trainer(TinyGRULM(TinyGRUConfig()), get_task("induction_heads", seq_len=12), train,
+                     dataclasses.replace(output, allow_config_change=True))
+    with pytest.warns(UserWarning, match=rf"train\.{key}: {old!r} -> {new!r}"):
+        assert forced.load_checkpoint() == 2
+    assert forced.fit()["step"] == 4
+
+
+def test_resuming_with_more_steps_or_other_eval_and_log_settings_warns(tmp_path):
+    _gru_trainer(tmp_path, steps=2).fit()
+    resumed = _gru_trainer(tmp_path, steps=4, eval_interval=2, log_interval=2)
+    with pytest.warns(UserWarning, match=r"train.eval_interval: 3 -> 2; train.log_interval: 1 -> 2; "
+                                          r"train.steps: 2 -> 4"):
+        assert resumed.load_checkpoint() == 2
+
+
+def test_an_older_checkpoint_without_train_settings_is_compared_with_run_config_json(tmp_path):
+    from leanseq.train.checkpoint import load_train_state, save_train_state
+
+    overrides = [
+        "model.family=mamba", "model.d_model=8", "model.n_layers=1", "model.state_size=4",
+        "task.name=induction_heads", "task.seq_len=8", "train.steps=2", "train.batch_size=2",
+        "train.eval_batches=1", "train.eval_batch_size=2", f"output.dir={json.dumps(str(tmp_path))}",
+        "output.progress=false", "output.save_model=false",
+    ]
+    run(load_config(None, overrides))
+    state = load_train_state(tmp_path / "checkpoint.pt")
+    del state["identity"]["train"]  # as written before the training settings were recorded
+    save_train_state(tmp_path / "checkpoint.pt", state)
+    with pytest.raises(TrainCheckpointError, match=r"train.seed: 0 -> 7"):
+        run(load_config(None, [*overrides, "train.steps=3", "train.seed=7"]))
+
+
+def test_a_model_change_is_named_key_by_key(tmp_path):
+    _gru_trainer(tmp_path, steps=2).fit()
+    torch.manual_seed(0)
+    other = Trainer(TinyGRULM(TinyGRUConfig(dropout=0.5)), get_task("induction_heads", seq_len=12),
+                    *_sections(tmp_path, steps=2))
+    with pytest.raises(TrainCheckpointError, match=r"different model: model.dropout: 0.2 -> 0.5 \(checkpoint"):
+        other.load_checkpoint()
