@@ -76,7 +76,6 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="leanseq-out/context", help="output folder (default leanseq-out/context)")
     p.add_argument("--quick", action="store_true", help="tiny lengths and few steps, for tests and CI")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     add_cli_arguments(p)
     p.set_defaults(func=run_context_command)
 

@@ -314,7 +314,6 @@ def register_demo(subparsers) -> None:
     p.add_argument("--threads", type=_positive_int, default=2, help="torch threads (default 2)")
     p.add_argument("--quick", action="store_true", help="tiny lengths, for tests")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     add_cli_arguments(p)
     p.set_defaults(func=run_demo_command)
 

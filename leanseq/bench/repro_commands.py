@@ -33,7 +33,6 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of model init and training streams")
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (tiny lengths, 3 steps)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def register(subparsers) -> None:

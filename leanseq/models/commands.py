@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from importlib import resources
 from pathlib import Path
@@ -15,6 +16,16 @@ def bundled_checkpoint(name: str = "tiny-mamba") -> Path:
     return path
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="stream tokens from a checkpoint and report decode speed")
     p.add_argument("--model", default=None, help="checkpoint folder (default: the bundled tiny Mamba)")
@@ -24,7 +35,7 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=run_generate)
 
 

@@ -25,7 +25,6 @@ def register(subparsers) -> None:
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override one setting, e.g. --set train.steps=100 (repeatable)",
     )
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     parser.set_defaults(func=_train)
 
 
