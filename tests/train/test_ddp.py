@@ -48,3 +48,22 @@ def test_two_gloo_ranks_match_a_single_process_run_with_the_same_global_batch(tm
     torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
     # rank 0 alone wrote the checkpoint; it resumes a single-process run
     assert (tmp_path / "ddp" / "checkpoint.pt").exists()
+
+
+def test_every_rank_fails_at_once_when_the_output_folder_is_locked(tmp_path, monkeypatch):
+    from leanseq.train import OutputDirLock
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    import ddp_worker
+
+    lock = OutputDirLock(tmp_path / "ddp")
+    lock.acquire()  # another run holds the folder
+    try:
+        mp.spawn(ddp_worker.busy_worker, args=(2, _free_port(), _overrides(tmp_path / "ddp"), str(tmp_path)),
+                 nprocs=2, join=True)
+    finally:
+        lock.release()
+    outcomes = [(tmp_path / f"busy{r}.txt").read_text() for r in range(2)]
+    assert "is in use by another training run" in outcomes[0]
+    assert outcomes[1].startswith("rank 0: output folder") and "is in use" in outcomes[1]
+    assert not (tmp_path / "ddp" / "checkpoint.pt").exists()
