@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from leanseq.models.checkpoint import remove_leftovers, scratch_prefix
+
 MAGIC = b"LSQSTATE"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<8sII")  # magic, version, header_len
@@ -245,10 +247,15 @@ def decode(model, blob: bytes, check_weights: bool = True):
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write data to path via a temporary sibling, fsync and os.replace: readers see the old file or the new one."""
+    """Write data to path via a temporary sibling, fsync and os.replace: readers see the old file or the new one.
+
+    Temporary files that earlier writers, killed mid-save, left next to `path` are removed first (see
+    leanseq.models.checkpoint.remove_leftovers: only those whose writer is dead or that are over an hour old).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    remove_leftovers(path)
+    fd, tmp = tempfile.mkstemp(prefix=scratch_prefix(path, "tmp"), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
