@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from leanseq.models.checkpoint import CheckpointError, read_config
+from leanseq.models.checkpoint import CheckpointError, read_config, read_consistently
 from leanseq.models.config import ConfigError
 from leanseq.models.state import State
 
@@ -29,11 +29,18 @@ def model_class(model_type: str):
 
 
 def load(path: str | os.PathLike, device=None, dtype=None):
-    """A checkpoint folder (config.json + safetensors, single or sharded) -> model in eval mode."""
-    config = read_config(path)
-    if "model_type" not in config:
-        raise CheckpointError(f"{path}/config.json has no model_type; leanseq loads: {', '.join(sorted(MODEL_TYPES))}")
-    return model_class(config["model_type"]).from_pretrained(path, device=device, dtype=dtype)
+    """A checkpoint folder (config.json + safetensors, single or sharded) -> model in eval mode.
+
+    Safe while another process re-saves the folder: config and tensors come from one saved version.
+    """
+    def load_version(folder):
+        config = read_config(folder)
+        if "model_type" not in config:
+            raise CheckpointError(
+                f"{folder}/config.json has no model_type; leanseq loads: {', '.join(sorted(MODEL_TYPES))}")
+        return model_class(config["model_type"]).from_pretrained(folder, device=device, dtype=dtype)
+
+    return read_consistently(path, load_version)
 
 
 def __getattr__(name):

@@ -2,14 +2,24 @@
 
 Writes are atomic (a temporary sibling directory renamed into place) and loads are verified: every missing,
 unexpected or mis-shaped tensor is reported by name with the expected and the found shape.
+
+Replacing a checkpoint that other processes read is safe: on Linux the new folder and the old one swap
+places in one rename (renameat2 RENAME_EXCHANGE; elsewhere two renames), and `read_consistently` reads every
+file through one pinned directory, so a reader gets one whole version, never a mix and never "missing".
+Scratch copies that a killed writer leaves behind (`.NAME.tmp-PID-*`, `.NAME.old-PID-*`) are removed by the
+next save once their writer is dead (or, whatever the pid says, after LEFTOVER_MAX_AGE_S).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
+import secrets
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -17,6 +27,9 @@ import torch
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
+# a scratch copy older than this is removed even when its pid is alive: no save takes an hour, and pids get reused
+LEFTOVER_MAX_AGE_S = 3600.0
+_READ_ATTEMPTS = 20  # a reader retries when the version it pinned was deleted before it could open a file
 
 
 class CheckpointError(ValueError):
@@ -73,11 +86,163 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
+# ---- scratch copies of writers ----------------------------------------------------------------------------
+def scratch_prefix(path: Path, kind: str) -> str:
+    """Name prefix of this process's scratch copies of `path`: ".NAME.tmp-PID-" (being written) or ".NAME.old-PID-"
+    (the replaced version, being deleted). The pid tells a later save whether the writer is still alive."""
+    return f".{path.name}.{kind}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # no cheap liveness check: rely on the age limit alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def remove_leftovers(path: str | os.PathLike) -> list[Path]:
+    """Delete the scratch copies of `path` that writers killed mid-save left next to it; return what was removed.
+
+    One is removed when its writer's pid is no longer running (kill -9, power loss) or when it is older than
+    LEFTOVER_MAX_AGE_S; a live writer's copy (this process's included) is left alone. Best effort: a copy that
+    cannot be removed (permissions, a concurrent remover) is skipped.
+    """
+    path = Path(path)
+    removed = []
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        for kind in ("tmp", "old"):
+            stem = f".{path.name}.{kind}-"
+            if entry.name.startswith(stem):
+                break
+        else:
+            continue
+        pid_text = entry.name[len(stem) :].split("-", 1)[0]
+        try:
+            age = now - entry.lstat().st_mtime
+        except OSError:
+            continue
+        writer_dead = pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text))
+        if not (writer_dead or age > LEFTOVER_MAX_AGE_S):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError:
+            continue
+        removed.append(entry)
+    return removed
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic rename (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: the kernel or file system cannot exchange
+        return False
+    raise OSError(errno, f"cannot exchange {a} and {b}: {os.strerror(errno)}")
+
+
+_LIBC: list = []
+
+
+def _libc():
+    if not _LIBC:
+        name = ctypes.util.find_library("c") if os.name == "posix" else None
+        try:
+            _LIBC.append(ctypes.CDLL(name, use_errno=True) if name else None)
+        except OSError:
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
+# ---- readers and writers ------------------------------------------------------------------------------------
+def read_consistently(path: str | os.PathLike, read_fn):
+    """read_fn(folder) over one whole version of the checkpoint folder `path`, even while another process
+    replaces it: the folder is opened once and (on Linux, through /proc/self/fd) every file is read from that
+    opened folder, wherever it is renamed meanwhile. When that version is deleted before read_fn has opened its
+    files, or the path is briefly absent mid-replacement, the read starts again on the new version. Errors
+    name `path`, not the pinned folder."""
+    path = Path(path)
+    for attempt in range(_READ_ATTEMPTS):
+        final = attempt == _READ_ATTEMPTS - 1
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            if not final and _being_replaced(path):
+                time.sleep(0.005 * (attempt + 1))
+                continue
+            return read_fn(path)  # nothing to pin: read_fn reports what is (not) there
+        try:
+            pinned = Path(f"/proc/self/fd/{fd}")
+            through_fd = pinned.is_dir()
+            try:
+                result = read_fn(pinned if through_fd else path)
+            except Exception as exc:
+                if not final and _replaced_since(path, fd):
+                    continue  # the version read was swapped out or deleted mid-read
+                if through_fd:
+                    _rename_in_message(exc, str(pinned), str(path))
+                raise
+            if through_fd or not _replaced_since(path, fd):
+                return result
+        finally:
+            os.close(fd)
+    raise CheckpointError(f"{path} was replaced while being read, {_READ_ATTEMPTS} times in a row; try again")
+
+
+def _rename_in_message(exc: BaseException, old: str, new: str) -> None:
+    """Make an error raised while reading through the pinned folder name the folder the caller asked for."""
+    try:
+        exc.args = tuple(a.replace(old, new) if isinstance(a, str) else a for a in exc.args)
+    except (AttributeError, TypeError):
+        pass
+
+
+def _replaced_since(path: Path, fd: int) -> bool:
+    """Whether `path` no longer names the folder opened as fd (renamed away, deleted or replaced)."""
+    pinned = os.fstat(fd)
+    try:
+        now = os.stat(path)
+    except OSError:
+        return True
+    return pinned.st_nlink == 0 or (now.st_dev, now.st_ino) != (pinned.st_dev, pinned.st_ino)
+
+
+def _being_replaced(path: Path) -> bool:
+    """Whether a writer's scratch copy of `path` exists next to it (so a missing `path` may be mid-rename)."""
+    try:
+        return any(e.name.startswith((f".{path.name}.tmp-", f".{path.name}.old-")) for e in path.parent.iterdir())
+    except OSError:
+        return False
+
+
 def atomic_write_dir(path: str | os.PathLike, write_fn) -> Path:
-    """Run write_fn(tmp_dir) and move the result to `path` in one rename, so a crash leaves no half checkpoint."""
+    """Run write_fn(tmp_dir) and move the result to `path` in one rename, so a crash leaves no half checkpoint.
+
+    An existing folder is swapped out atomically where the platform can (readers never find `path` missing),
+    and scratch copies left by earlier, killed writers are removed first (see remove_leftovers).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    remove_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(prefix=scratch_prefix(path, "tmp"), dir=path.parent))
     try:
         write_fn(tmp)
         umask = os.umask(0)
@@ -87,8 +252,10 @@ def atomic_write_dir(path: str | os.PathLike, write_fn) -> Path:
             os.chmod(f, 0o666 & ~umask)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.is_dir() and not path.is_symlink() and _exchange(tmp, path):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the replaced version
+        elif path.exists():
+            old = path.with_name(scratch_prefix(path, "old") + secrets.token_hex(4))
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)

@@ -43,6 +43,10 @@ ACTIVATIONS = {
 
 # torch >= 2.5 lets SDPA share each key/value head among a group of query heads without copying them
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+# queries x slots per attention call on a cache that is not empty: the mask (and, on the math path, the
+# scores) of one call hold this many elements, so a long chunk continuing a state is attended to in pieces
+# and its memory grows linearly with the context, not with its square
+_CACHED_ATTENTION_BUDGET = 1 << 20
 
 
 # ---- config -------------------------------------------------------------------------------------------------
@@ -272,13 +276,8 @@ class LayerCache:
     v: torch.Tensor  # (B, n_kv_heads, capacity, head_dim)
     write_at: torch.Tensor  # (B, L) the slots (= positions) of the new entries
     kv_len: int  # S: the slots any row can see after this chunk
-    mask: torch.Tensor | None  # (B, 1, groups * L, S) which slots each grouped query sees; None: all rows at 0
+    from_start: bool  # every row starts at position 0 (a first prefill): plain causal attention suffices
     in_place: bool  # False when autograd needs the old buffers: write into a copy instead
-
-    @property
-    def from_start(self) -> bool:
-        """Every row starts at position 0 (a first prefill): plain causal attention over the new tokens."""
-        return self.mask is None
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k_new, v_new (B, n_kv_heads, L, head_dim) at each row's slots; return the first S slots."""
@@ -322,11 +321,34 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, **gqa)
         else:
             keys, values = cache.append(k, v)  # (B, KV, S, hd)
-            # the query heads sharing a key/value head become one longer query, so the cache is never copied
-            q = q.reshape(B, self.n_kv_heads, groups * L, self.head_dim)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=cache.mask, dropout_p=dropout)
-            y = y.view(B, self.n_heads, L, self.head_dim)
+            y = self._attend_to_cache(q, keys, values, cache.write_at, dropout)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
+
+    def _attend_to_cache(self, q, keys, values, positions, dropout: float) -> torch.Tensor:
+        """q (B, H, L, hd) at positions (B, L) over cache slots keys, values (B, KV, S, hd) -> (B, H, L, hd).
+
+        Query t of row b (at position[b] + t) sees slots 0 .. its position: causal and within its row's valid
+        prefix. The queries go in pieces of at most _CACHED_ATTENTION_BUDGET // (groups * S), so the mask is
+        never L x S, and each piece reads only the slots its last query can see.
+        """
+        B, _, L, hd = q.shape
+        groups = self.n_heads // self.n_kv_heads
+        # the query heads sharing a key/value head become one longer query, so the cache is never copied
+        q = q.view(B, self.n_kv_heads, groups, L, hd)
+        piece = max(1, _CACHED_ATTENTION_BUDGET // (groups * keys.shape[2]))
+        outputs = []
+        for start in range(0, L, piece):
+            at = positions[:, start : start + piece]  # (B, c)
+            c = at.shape[1]
+            seen = int(at.max()) + 1  # slots any query of this piece sees
+            mask = torch.arange(seen, device=q.device) <= at[:, :, None]  # (B, c, seen)
+            mask = mask.repeat(1, groups, 1)[:, None]  # (B, 1, groups * c, seen), the grouped query layout
+            q_piece = q[:, :, :, start : start + c].reshape(B, self.n_kv_heads, groups * c, hd)
+            y = F.scaled_dot_product_attention(
+                q_piece, keys[:, :, :seen], values[:, :, :seen], attn_mask=mask, dropout_p=dropout)
+            outputs.append(y.view(B, self.n_kv_heads, groups, c, hd))
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=3)  # (B, KV, groups, L, hd)
+        return y.reshape(B, self.n_heads, L, hd)
 
 
 class MLP(nn.Module):
@@ -472,18 +494,12 @@ class TransformerLM(LanguageModel):
             for block in self.model.layers:
                 x = block(x, rope)
         else:
-            mask = None
-            if bool(state.position.any()):
-                # query t of row b (at position[b] + t) sees cache slots 0 .. position[b] + t: causal and within
-                # its own valid prefix. Repeated per query head of a group, matching the grouped query layout.
-                mask = torch.arange(kv_len, device=x.device) <= positions[:, :, None]  # (B, L, S)
-                groups = self.config.num_attention_heads // self.config.num_key_value_heads
-                mask = mask.repeat(1, groups, 1)[:, None]  # (B, 1, groups * L, S)
+            from_start = not bool(state.position.any())  # else Attention._attend_to_cache masks each row
             # appending in place is what makes decoding O(1) per token; under autograd it would overwrite
             # tensors saved for backward (chunked training), so then each layer writes into a copy
             in_place = not (torch.is_grad_enabled() and (
                 state.k.requires_grad or any(p.requires_grad for p in self.parameters())))
-            caches = [LayerCache(state.k[i], state.v[i], positions, kv_len, mask, in_place)
+            caches = [LayerCache(state.k[i], state.v[i], positions, kv_len, from_start, in_place)
                       for i in range(self.config.num_hidden_layers)]
             for block, cache in zip(self.model.layers, caches):
                 x = block(x, rope, cache)

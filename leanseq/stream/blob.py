@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from leanseq.models.checkpoint import remove_leftovers, scratch_prefix
+
 MAGIC = b"LSQSTATE"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<8sII")  # magic, version, header_len
@@ -130,20 +132,20 @@ def encode(model, state, last_logits, session_info: dict, include_weights_hash: 
     return body + hashlib.sha256(body).digest()
 
 
-def read_header(blob: bytes) -> tuple[dict, bytes]:
-    """Check framing, version, length and checksum; return (header, payload bytes)."""
-    if not isinstance(blob, (bytes, bytearray, memoryview)):
-        raise TypeError(f"a state blob is bytes, got {type(blob).__name__}")
-    blob = bytes(blob)
-    if len(blob) < len(MAGIC) and MAGIC.startswith(blob):
-        raise StateBlobError(f"state blob is truncated: {len(blob)} bytes, too short for even the format magic")
-    if blob[: len(MAGIC)] != MAGIC:
+def _check_prefix(prefix: bytes, total: int) -> int:
+    """Check the magic, version and header length of a blob of `total` bytes that starts with `prefix`.
+
+    prefix is the blob's first _PREFIX.size bytes (fewer when the blob is shorter). Returns header_len.
+    """
+    if len(prefix) < len(MAGIC) and MAGIC.startswith(prefix):
+        raise StateBlobError(f"state blob is truncated: {total} bytes, too short for even the format magic")
+    if prefix[: len(MAGIC)] != MAGIC:
         raise StateBlobError(
-            f"not a leanseq stream state: it starts with {blob[:len(MAGIC)]!r}, expected the magic {MAGIC!r}"
+            f"not a leanseq stream state: it starts with {prefix[:len(MAGIC)]!r}, expected the magic {MAGIC!r}"
         )
-    if len(blob) < _PREFIX.size:
-        raise StateBlobError(f"state blob is truncated: {len(blob)} bytes, shorter than its {_PREFIX.size}-byte prefix")
-    _, version, header_len = _PREFIX.unpack_from(blob)
+    if len(prefix) < _PREFIX.size:
+        raise StateBlobError(f"state blob is truncated: {total} bytes, shorter than its {_PREFIX.size}-byte prefix")
+    _, version, header_len = _PREFIX.unpack_from(prefix)
     if version != FORMAT_VERSION:
         newer = " (written by a newer leanseq)" if version > FORMAT_VERSION else ""
         raise StateBlobError(
@@ -152,28 +154,58 @@ def read_header(blob: bytes) -> tuple[dict, bytes]:
     if header_len > _MAX_HEADER_BYTES:
         raise StateBlobError(f"state blob is corrupt: its header length field says {header_len} bytes")
     header_end = _PREFIX.size + header_len
-    if len(blob) < header_end + _DIGEST_BYTES:
+    if total < header_end + _DIGEST_BYTES:
         raise StateBlobError(
-            f"state blob is truncated: {len(blob)} bytes, but its header alone needs {header_end + _DIGEST_BYTES}"
+            f"state blob is truncated: {total} bytes, but its header alone needs {header_end + _DIGEST_BYTES}"
         )
+    return header_len
+
+
+def _check_header(header_bytes: bytes, total: int) -> dict:
+    """Parse the JSON header of a blob of `total` bytes and check that it announces exactly that length."""
     try:
-        header = json.loads(blob[_PREFIX.size : header_end].decode())
+        header = json.loads(header_bytes.decode())
         if not isinstance(header, dict):
             raise TypeError(f"header is a {type(header).__name__}, not a JSON object")
         payload_len = int(header["payload_len"])
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise StateBlobError(f"state blob is corrupt: its header cannot be read ({exc})") from exc
-    expected = header_end + payload_len + _DIGEST_BYTES
-    if len(blob) < expected:
-        raise StateBlobError(f"state blob is truncated: {len(blob)} bytes of the {expected} its header announces")
-    if len(blob) > expected:
+    expected = _PREFIX.size + len(header_bytes) + payload_len + _DIGEST_BYTES
+    if payload_len < 0:
+        raise StateBlobError(f"state blob is corrupt: its header announces a payload of {payload_len} bytes")
+    if total < expected:
+        raise StateBlobError(f"state blob is truncated: {total} bytes of the {expected} its header announces")
+    if total > expected:
         raise StateBlobError(
-            f"state blob is corrupt: {len(blob) - expected} unexpected bytes after the {expected} its header announces"
+            f"state blob is corrupt: {total - expected} unexpected bytes after the {expected} its header announces"
         )
+    return header
+
+
+def read_header(blob: bytes) -> tuple[dict, bytes]:
+    """Check framing, version, length and checksum; return (header, payload bytes)."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise TypeError(f"a state blob is bytes, got {type(blob).__name__}")
+    blob = bytes(blob)
+    header_len = _check_prefix(blob[: _PREFIX.size], len(blob))
+    header_end = _PREFIX.size + header_len
+    header = _check_header(blob[_PREFIX.size : header_end], len(blob))
     body, digest = blob[:-_DIGEST_BYTES], blob[-_DIGEST_BYTES:]
     if hashlib.sha256(body).digest() != digest:
         raise StateBlobError("state blob is corrupt: sha256 checksum mismatch (the bytes changed after saving)")
     return header, body[header_end:]
+
+
+def read_file(path: str | os.PathLike) -> bytes:
+    """The bytes of a saved blob file, read whole only after its prefix and header say it is one of exactly
+    the file's size: a multi-GB file of something else costs a 16-byte read, not its size in memory."""
+    with open(path, "rb") as fh:
+        total = os.fstat(fh.fileno()).st_size
+        header_len = _check_prefix(fh.read(_PREFIX.size), total)
+        _check_header(fh.read(header_len), total)
+        fh.seek(0)
+        # one byte past the announced size: a file that grew since the checks is then refused by read_header
+        return fh.read(total + 1)
 
 
 def decode(model, blob: bytes, check_weights: bool = True):
@@ -215,10 +247,15 @@ def decode(model, blob: bytes, check_weights: bool = True):
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write data to path via a temporary sibling, fsync and os.replace: readers see the old file or the new one."""
+    """Write data to path via a temporary sibling, fsync and os.replace: readers see the old file or the new one.
+
+    Temporary files that earlier writers, killed mid-save, left next to `path` are removed first (see
+    leanseq.models.checkpoint.remove_leftovers: only those whose writer is dead or that are over an hour old).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    remove_leftovers(path)
+    fd, tmp = tempfile.mkstemp(prefix=scratch_prefix(path, "tmp"), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -203,6 +203,6 @@ class Session:
         if not path.is_file():
             raise FileNotFoundError(f"no saved stream state at {path}")
         try:
-            return cls.restore(model, path.read_bytes(), prefill_chunk_size, check_weights)
+            return cls.restore(model, blobfmt.read_file(path), prefill_chunk_size, check_weights)
         except blobfmt.StateBlobError as exc:
             raise type(exc)(f"{path}: {exc}") from exc
