@@ -110,7 +110,8 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
         """
         position = getattr(state, "position", None)
         if isinstance(position, torch.Tensor) and position.dim() == 1 and position.shape[0] != batch_size:
-            raise ValueError(f"state holds {position.shape[0]} rows but the input has batch size {batch_size}")
+            raise ValueError(f"state holds {position.shape[0]} rows (its 'position' has shape {tuple(position.shape)}) "
+                             f"but the input has batch size {batch_size}")
         validate_state(state, self.state_class, self.state_spec(batch_size), self.device, check_values)
 
     def forward(self, input_ids: torch.Tensor, state: State | None = None, return_state: bool = False):
