@@ -108,6 +108,14 @@ class SSMLanguageModel(LanguageModel):
             ssm=torch.zeros(n_layers, batch_size, *ssm_shape, dtype=torch.float32, device=device),
         )
 
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device  # direct: the generic parameters() walk costs more than a whole state check
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
     def state_spec(self, batch_size: int) -> dict[str, TensorSpec]:
         n_layers = self.config.num_hidden_layers
         conv_shape, ssm_shape = self.state_shapes()
@@ -116,7 +124,7 @@ class SSMLanguageModel(LanguageModel):
         return {
             "position": self._position_spec(batch_size),
             "conv": TensorSpec((n_layers, batch_size, *conv_shape), ("n_layers", "batch", *conv_dims),
-                               self.backbone.embeddings.weight.dtype),
+                               self.backbone.embeddings.weight.dtype),  # as init_state makes it
             "ssm": TensorSpec((n_layers, batch_size, *ssm_shape), ("n_layers", "batch", *ssm_dims), torch.float32),
         }
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from typing import NamedTuple
 
 import torch
 
 BATCH_DIM = 1
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
+class TensorSpec(NamedTuple):  # a tuple: built on every step, and cheaper than a dataclass
     """What one state tensor must be: its full shape (None: any size, such as a KV cache's capacity), the
     names of its dimensions (for error messages) and its dtype."""
 
@@ -115,7 +115,8 @@ def _version(t: torch.Tensor) -> int | None:
 
 def _is_overlapping(t: torch.Tensor) -> bool:
     """True for an expanded (broadcast) view: several elements share one memory location."""
-    return any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape))
+    strides = t.stride()
+    return 0 in strides and any(stride == 0 and size > 1 for stride, size in zip(strides, t.shape))
 
 
 def validate_state(

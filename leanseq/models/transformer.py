@@ -434,11 +434,19 @@ class TransformerLM(LanguageModel):
             position=torch.zeros(batch_size, dtype=torch.long, device=device), k=k, v=torch.zeros_like(k)
         )
 
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device  # direct: the generic parameters() walk costs more than a whole state check
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
     def state_spec(self, batch_size: int) -> dict[str, TensorSpec]:
         cfg = self.config
         # the capacity (slots per row) is free: the cache grows by doubling
         kv = TensorSpec((cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, None, cfg.head_dim),
-                        ("n_layers", "batch", "n_kv_heads", "capacity", "head_dim"), self.lm_head.weight.dtype)
+                        ("n_layers", "batch", "n_kv_heads", "capacity", "head_dim"), self.dtype)
         return {"position": self._position_spec(batch_size), "k": kv, "v": kv}
 
     def check_state(self, state, batch_size: int, check_values: bool | None = None) -> None:
