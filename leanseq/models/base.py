@@ -24,7 +24,7 @@ from torch import nn
 from leanseq.models import checkpoint as ckpt
 from leanseq.models.config import ConfigBase
 from leanseq.models.generation import stream_tokens
-from leanseq.models.state import State
+from leanseq.models.state import State, TensorSpec, validate_state
 
 
 class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
@@ -57,6 +57,11 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the weights, hence of the logits."""
+        return next(self.parameters()).dtype
+
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         seen, total = set(), 0
         for name, p in self.named_parameters():
@@ -81,14 +86,33 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
             bad = lo if lo < 0 else hi
             raise ValueError(f"{what} holds token id {bad}, outside the vocabulary [0, {self.vocab_size})")
 
-    def check_state(self, state, batch_size: int) -> None:
-        if not isinstance(state, self.state_class):
-            raise TypeError(
-                f"state must be a {self.state_class.__name__} from this model's init_state(), "
-                f"got {type(state).__name__}"
-            )
-        if state.batch_size != batch_size:
-            raise ValueError(f"state holds {state.batch_size} rows but the input has batch size {batch_size}")
+    def state_spec(self, batch_size: int) -> dict[str, TensorSpec]:
+        """Every state field's full shape and dtype for `batch_size` rows. This default reads them off
+        init_state(1); families override it with their own (cheaper, and with named dimensions)."""
+        specs = {}
+        for name, t in self.init_state(1).tensors().items():
+            batch_dim = 0 if name == "position" else 1
+            shape = tuple(batch_size if i == batch_dim else n for i, n in enumerate(t.shape))
+            dims = tuple("batch" if i == batch_dim else f"dim{i}" for i in range(t.dim()))
+            specs[name] = TensorSpec(shape, dims, t.dtype)
+        return specs
+
+    def _position_spec(self, batch_size: int) -> TensorSpec:
+        return TensorSpec((batch_size,), ("batch",), torch.long)
+
+    def check_state(self, state, batch_size: int, check_values: bool | None = None) -> None:
+        """Refuse a state that does not fit this model: the one check before any state reaches a kernel.
+
+        Checks the class, every field, each tensor's full shape, dtype and device, positions >= 0, and that
+        floating values are finite. check_values=None skips the value check for states this model returned
+        (or that passed it) and that were not modified since; True forces it, False skips it.
+        Raises TypeError (wrong class, type or dtype) or ValueError naming the tensor.
+        """
+        position = getattr(state, "position", None)
+        if isinstance(position, torch.Tensor) and position.dim() == 1 and position.shape[0] != batch_size:
+            raise ValueError(f"state holds {position.shape[0]} rows (its 'position' has shape {tuple(position.shape)}) "
+                             f"but the input has batch size {batch_size}")
+        validate_state(state, self.state_class, self.state_spec(batch_size), self.device, check_values)
 
     def forward(self, input_ids: torch.Tensor, state: State | None = None, return_state: bool = False):
         self.check_input_ids(input_ids)
@@ -97,13 +121,17 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
         elif return_state:
             state = self.init_state(input_ids.shape[0], device=input_ids.device)
         logits, new_state = self._forward(input_ids.long(), state)
+        if new_state is not None:
+            new_state._trust()  # this model's own output: the next call need not re-check its values
         return (logits, new_state) if return_state else logits
 
     def step(self, token_ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Consume one token per row: token_ids (B,) -> (logits (B, V), new state)."""
         self.check_input_ids(token_ids, rank=1, what="token_ids")
         self.check_state(state, token_ids.shape[0])
-        return self._step(token_ids.long(), state)
+        logits, new_state = self._step(token_ids.long(), state)
+        new_state._trust()
+        return logits, new_state
 
     def generate_stream(
         self,

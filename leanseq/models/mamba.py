@@ -173,6 +173,7 @@ class MambaLM(SSMLanguageModel):
     config_class = MambaConfig
     state_class = MambaState
     hf_architecture = "MambaForCausalLM"
+    state_dim_names = (("intermediate_size", "conv_kernel - 1"), ("intermediate_size", "state_size"))
 
     @staticmethod
     def make_mixer(config: MambaConfig) -> nn.Module:

@@ -190,6 +190,7 @@ class Mamba2LM(SSMLanguageModel):
     config_class = Mamba2Config
     state_class = Mamba2State
     hf_architecture = "Mamba2ForCausalLM"
+    state_dim_names = (("conv_dim", "conv_kernel - 1"), ("num_heads", "head_dim", "state_size"))
 
     @staticmethod
     def make_mixer(config: Mamba2Config) -> nn.Module:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from leanseq.models.base import LanguageModel
 from leanseq.models.layers import RMSNorm
-from leanseq.models.state import State
+from leanseq.models.state import State, TensorSpec
 
 
 @dataclasses.dataclass
@@ -70,6 +71,9 @@ class SSMLanguageModel(LanguageModel):
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Per-row shapes of one layer's (conv state, SSM state)."""
 
+    # names of the per-row dimensions of (conv state, SSM state), for error messages; None: dim2, dim3, ...
+    state_dim_names: ClassVar[tuple[tuple[str, ...], tuple[str, ...]] | None] = None
+
     @abc.abstractmethod
     def init_mixer(self, mixer: nn.Module) -> None:
         """The family's own initialisation of a mixer's SSM parameters."""
@@ -103,6 +107,26 @@ class SSMLanguageModel(LanguageModel):
                              device=device),
             ssm=torch.zeros(n_layers, batch_size, *ssm_shape, dtype=torch.float32, device=device),
         )
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device  # direct: the generic parameters() walk costs more than a whole state check
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def state_spec(self, batch_size: int) -> dict[str, TensorSpec]:
+        n_layers = self.config.num_hidden_layers
+        conv_shape, ssm_shape = self.state_shapes()
+        conv_dims, ssm_dims = self.state_dim_names or (
+            tuple(f"dim{i + 2}" for i in range(len(conv_shape))), tuple(f"dim{i + 2}" for i in range(len(ssm_shape))))
+        return {
+            "position": self._position_spec(batch_size),
+            "conv": TensorSpec((n_layers, batch_size, *conv_shape), ("n_layers", "batch", *conv_dims),
+                               self.backbone.embeddings.weight.dtype),  # as init_state makes it
+            "ssm": TensorSpec((n_layers, batch_size, *ssm_shape), ("n_layers", "batch", *ssm_dims), torch.float32),
+        }
 
     def _run(self, hidden, state: ConvSSMState | None, step: bool):
         convs, ssms = [], []

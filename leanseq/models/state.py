@@ -8,10 +8,28 @@ for every model lets streams be saved, restored, batched together and split apar
 from __future__ import annotations
 
 import dataclasses
+import weakref
+from typing import NamedTuple
 
 import torch
 
 BATCH_DIM = 1
+
+
+class TensorSpec(NamedTuple):  # a tuple: built on every step, and cheaper than a dataclass
+    """What one state tensor must be: its full shape (None: any size, such as a KV cache's capacity), the
+    names of its dimensions (for error messages) and its dtype."""
+
+    shape: tuple[int | None, ...]
+    dims: tuple[str, ...]
+    dtype: torch.dtype
+
+    def describe(self) -> str:
+        sizes = ", ".join("*" if n is None else str(n) for n in self.shape)
+        return f"({', '.join(self.dims)}) = ({sizes}{',' if len(self.shape) == 1 else ''})"
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) == len(self.shape) and all(e is None or e == n for e, n in zip(self.shape, shape))
 
 
 @dataclasses.dataclass
@@ -32,11 +50,31 @@ class State:
         """Bytes held by this state's tensors (what a stream costs in memory)."""
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
+    # ---- trust: which states may skip the finiteness check -------------------------------------------------
+    # A model vouches for the states it returns, and check_state for those whose values it checked. The mark
+    # holds the exact tensor objects (weakly) and their version counters, so it lapses when a field is
+    # replaced or written in place; shapes, dtypes and devices are checked on every call regardless.
+    # Inference-mode tensors have no version counter: for them only replacement is noticed.
+    def _trust(self) -> None:
+        self._trusted_tensors = tuple((weakref.ref(t), _version(t)) for t in self.tensors().values())
+
+    def _is_trusted(self) -> bool:
+        marks = getattr(self, "_trusted_tensors", None)
+        if marks is None:
+            return False
+        tensors = [getattr(self, f.name, None) for f in dataclasses.fields(self)]
+        return len(marks) == len(tensors) and all(
+            ref() is t and _version(t) == version for (ref, version), t in zip(marks, tensors)
+        )
+
     def _map(self, fn_layered, fn_position) -> State:
         out = {}
         for name, t in self.tensors().items():
             out[name] = fn_position(t) if name == "position" else fn_layered(t)
-        return type(self)(**out)
+        out = type(self)(**out)
+        if self._is_trusted():  # a copy, view or subset of vouched-for values
+            out._trust()
+        return out
 
     def clone(self) -> State:
         return self._map(lambda t: t.clone(), lambda t: t.clone())
@@ -65,4 +103,80 @@ class State:
         for name in first.tensors():
             parts = [getattr(s, name) for s in states]
             out[name] = torch.cat(parts, dim=0 if name == "position" else BATCH_DIM)
-        return type(first)(**out)
+        joined = type(first)(**out)
+        if all(s._is_trusted() for s in states):
+            joined._trust()
+        return joined
+
+
+def _version(t: torch.Tensor) -> int | None:
+    return None if t.is_inference() else t._version
+
+
+def _is_overlapping(t: torch.Tensor) -> bool:
+    """True for an expanded (broadcast) view: several elements share one memory location."""
+    strides = t.stride()
+    return 0 in strides and any(stride == 0 and size > 1 for stride, size in zip(strides, t.shape))
+
+
+def validate_state(
+    state, state_class: type[State], specs: dict[str, TensorSpec], device: torch.device, check_values: bool | None
+) -> None:
+    """Refuse a state that does not fit: its class, every field's type, full shape, dtype, layout and device,
+    position >= 0, and (see check_values) finite floating values. Errors name the tensor, what was expected
+    and what was found. check_values: True always checks values, False never, None unless the state is one a
+    model returned (or that passed this check) and none of its tensors changed since.
+
+    This is the gate before any kernel: a tensor of the right rank and batch but other per-row sizes would
+    make the compiled scan read and write past its buffers.
+    """
+    if not isinstance(state, state_class):
+        raise TypeError(
+            f"state must be a {state_class.__name__} from this model's init_state(), got {type(state).__name__}"
+        )
+    names = [f.name for f in dataclasses.fields(state)]
+    if set(names) != set(specs):
+        raise TypeError(f"state {type(state).__name__} has fields {sorted(names)}, this model expects {sorted(specs)}")
+    for name, spec in specs.items():
+        t = getattr(state, name, None)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state tensor {name!r} must be a torch.Tensor, got {type(t).__name__}")
+        if not spec.fits(tuple(t.shape)):
+            raise ValueError(f"state tensor {name!r} has shape {tuple(t.shape)}, expected {spec.describe()}")
+        if t.dtype != spec.dtype:
+            raise TypeError(
+                f"state tensor {name!r} has dtype {t.dtype}, expected {spec.dtype} (the model's); init a new state"
+            )
+        if t.layout != torch.strided or _is_overlapping(t):
+            raise ValueError(
+                f"state tensor {name!r} must be a dense tensor owning its memory, got a "
+                f"{'sparse' if t.layout != torch.strided else 'broadcast (expanded)'} tensor; pass t.contiguous()"
+            )
+        if t.device != device:
+            raise ValueError(f"state tensor {name!r} is on {t.device} but the model is on {device}")
+    position = state.position
+    if position.numel() and int(position.min()) < 0:
+        raise ValueError(f"state tensor 'position' holds {position.tolist()}; positions must be >= 0")
+    if check_values is False or (check_values is None and state._is_trusted()):
+        return
+    bad = first_non_finite({name: getattr(state, name) for name in specs})
+    if bad is not None:
+        raise ValueError(f"state tensor {bad!r} holds NaN or infinite values; a state must be finite")
+    state._trust()
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating tensor holding a NaN or an infinity, or None.
+
+    One min/max reduction per tensor (both propagate NaN), several times cheaper than isfinite().all(), and
+    one device sync for all of them.
+    """
+    names, finite = [], []
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.numel():
+            lo, hi = torch.aminmax(t.detach())
+            names.append(name)
+            finite.append(torch.isfinite(lo) & torch.isfinite(hi))
+    if not finite or bool(torch.stack(finite).all()):
+        return None
+    return next(name for name, ok in zip(names, finite) if not bool(ok))

@@ -26,7 +26,7 @@ from torch import nn
 from leanseq.models.base import LanguageModel
 from leanseq.models.config import ConfigBase, ConfigError
 from leanseq.models.layers import RMSNorm
-from leanseq.models.state import State
+from leanseq.models.state import State, TensorSpec
 
 ROPE_MODEL_TYPE = "llama"
 ABSOLUTE_MODEL_TYPE = "leanseq_transformer"
@@ -215,7 +215,10 @@ class TransformerState(State):
             out[:, :, :, :keep] = t[:, :, :, :keep]
             return out
 
-        return TransformerState(position=self.position, k=resized(self.k), v=resized(self.v))
+        out = TransformerState(position=self.position, k=resized(self.k), v=resized(self.v))
+        if self._is_trusted():  # the same values, zero-padded
+            out._trust()
+        return out
 
     def reserve(self, n_new: int, limit: int | None = None) -> TransformerState:
         """Room for n_new more tokens in every row: the capacity doubles until they fit (O(log N) copies),
@@ -453,22 +456,39 @@ class TransformerLM(LanguageModel):
             position=torch.zeros(batch_size, dtype=torch.long, device=device), k=k, v=torch.zeros_like(k)
         )
 
-    def _check_cache(self, state: TransformerState) -> None:
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device  # direct: the generic parameters() walk costs more than a whole state check
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def state_spec(self, batch_size: int) -> dict[str, TensorSpec]:
         cfg = self.config
-        expected = (cfg.num_hidden_layers, state.batch_size, cfg.num_key_value_heads, cfg.head_dim)
-        found = tuple(state.k.shape[:3]) + (state.k.shape[4],)
-        if state.k.dim() != 5 or found != expected or state.v.shape != state.k.shape:
+        # the capacity (slots per row) is free: the cache grows by doubling
+        kv = TensorSpec((cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, None, cfg.head_dim),
+                        ("n_layers", "batch", "n_kv_heads", "capacity", "head_dim"), self.dtype)
+        return {"position": self._position_spec(batch_size), "k": kv, "v": kv}
+
+    def check_state(self, state, batch_size: int, check_values: bool | None = None) -> None:
+        super().check_state(state, batch_size, check_values)
+        if state.v.shape != state.k.shape:
             raise ValueError(
-                f"KV cache shape {tuple(state.k.shape)} does not fit this model "
-                f"(n_layers, B, n_kv_heads, capacity, head_dim) = {expected[:3] + ('*', expected[3])}"
+                f"state tensor 'v' has shape {tuple(state.v.shape)} but 'k' has {tuple(state.k.shape)}; "
+                "a KV cache's keys and values have the same capacity"
             )
-        dtype = self.lm_head.weight.dtype
-        if state.k.dtype != dtype or state.v.dtype != dtype:
-            raise TypeError(f"KV cache dtype {state.k.dtype} differs from the model's {dtype}; init a new state")
-        if state.k.device != self.lm_head.weight.device:
-            raise ValueError(f"KV cache is on {state.k.device} but the model is on {self.lm_head.weight.device}")
-        if int(state.position.min()) < 0 or int(state.position.max()) > state.capacity:
-            raise ValueError(f"state positions {state.position.tolist()} do not fit its capacity {state.capacity}")
+        last = int(state.position.max())
+        if last > state.capacity:
+            raise ValueError(
+                f"state tensor 'position' holds {last}, past the KV cache's capacity of {state.capacity} slots"
+            )
+        limit = self.config.max_position_embeddings
+        if self.config.position_embedding == "absolute" and last > limit:
+            raise ValueError(
+                f"state tensor 'position' holds {last}, past max_position_embeddings={limit} of this "
+                "absolute-position model"
+            )
 
     # ---- forward --------------------------------------------------------------------------------------------
     def _forward(self, input_ids: torch.Tensor, state: TransformerState | None):
@@ -478,7 +498,6 @@ class TransformerLM(LanguageModel):
             positions = steps[None]  # (1, L), shared by every row
             self._check_positions(L - 1)
         else:
-            self._check_cache(state)
             positions = state.position[:, None] + steps  # (B, L): each row continues from its own position
             kv_len = int(state.position.max()) + L  # cache slots any row needs after this chunk
             self._check_positions(kv_len - 1)

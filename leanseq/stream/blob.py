@@ -222,25 +222,31 @@ def decode(model, blob: bytes, check_weights: bool = True):
         tensors = load(payload)
     except Exception as exc:  # safetensors raises its own error types
         raise StateBlobError(f"state blob is corrupt: its tensors cannot be read ({exc})") from exc
+    if info["batch_size"] < 1:
+        raise StateBlobError(f"state blob is corrupt: session field 'batch_size' is {info['batch_size']}")
     device = model.device
     last_logits = tensors.pop(LAST_LOGITS, None)
-    fields = {k[len(STATE_PREFIX) :]: v.to(device) for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
+    fields = {k[len(STATE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
     unknown = sorted(k for k in tensors if not k.startswith(STATE_PREFIX))
-    reference = model.init_state(1).tensors()
-    if unknown or set(fields) != set(reference):
+    expected = model.state_spec(info["batch_size"])
+    if unknown or set(fields) != set(expected):
         raise StateBlobError(
             f"state blob does not hold a {model.state_class.__name__}: fields {sorted(fields)}, "
-            f"expected {sorted(reference)}" + (f"; unexpected entries {unknown}" if unknown else "")
+            f"expected {sorted(expected)}" + (f"; unexpected entries {unknown}" if unknown else "")
         )
+    # every tensor is checked against the model (full shape, dtype, finite values) before any kernel sees it:
+    # a checksum only proves the bytes are the ones written, not that whoever wrote them meant well
     for name, t in fields.items():
-        ref = reference[name]
-        batch_dim = 0 if name == "position" else 1
-        if t.dtype != ref.dtype or t.dim() != ref.dim() or t.shape[batch_dim] != info["batch_size"]:
+        if not expected[name].fits(tuple(t.shape)) or t.dtype != expected[name].dtype:
             raise StateBlobError(
-                f"state blob field {name!r} is {t.dtype} {tuple(t.shape)}, which does not fit this model's "
-                f"{ref.dtype} state of {info['batch_size']} rows"
+                f"state blob field {name!r} is {t.dtype} {tuple(t.shape)}, which does not fit this model's state "
+                f"of {info['batch_size']} rows: expected {expected[name].dtype} {expected[name].describe()}"
             )
-    state = model.state_class(**fields)
+    state = model.state_class(**{name: t.to(device) for name, t in fields.items()})
+    try:
+        model.check_state(state, info["batch_size"], check_values=True)
+    except (TypeError, ValueError) as exc:
+        raise StateBlobError(f"state blob holds an invalid state: {exc}") from exc
     if last_logits is not None:
         last_logits = last_logits.to(device)
     return state, last_logits, info

@@ -24,6 +24,7 @@ from leanseq.stream.session import (
     DEFAULT_PREFILL_CHUNK_SIZE,
     Session,
     check_chunk_size,
+    check_last_logits,
     coerce_tokens,
     run_tokens,
     shape_logits,
@@ -74,6 +75,9 @@ class SessionPool:
                 raise ValueError("the session runs on another model instance than this pool")
             if session.batch_size != 1:
                 raise ValueError(f"a pool row is one stream; the session has {session.batch_size} rows")
+            # the session's fields are plain attributes: check them again before they join the batch
+            self.model.check_state(session.state, 1)
+            check_last_logits(self.model, session.last_logits, 1)
             row = session.state.clone()
             last = None if session.last_logits is None else session.last_logits[0].clone()
         self._state = row if self._state is None else type(row).concat([self._state, row])
@@ -130,9 +134,12 @@ class SessionPool:
         )
         if same_layout:
             # in place: the pool owns its batched state, nobody else holds these buffers
+            vouched = self._state._is_trusted() and sub._is_trusted()
             index = torch.as_tensor(rows, dtype=torch.long, device=self._state.position.device)
             for name, t in full.items():
                 t.index_copy_(_row_dim(name), index, parts[name])
+            if vouched:  # checked rows written into checked rows: the next step need not re-check the values
+                self._state._trust()
             return
         # the stepped rows changed layout (a KV cache grew its capacity): rebuild, stepped rows last
         chosen = set(rows)

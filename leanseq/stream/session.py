@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from leanseq.models.state import State
+from leanseq.models.state import State, first_non_finite
 from leanseq.stream import blob as blobfmt
 
 DEFAULT_PREFILL_CHUNK_SIZE = 256
@@ -103,6 +103,24 @@ def check_chunk_size(prefill_chunk_size) -> int:
     return prefill_chunk_size
 
 
+def check_last_logits(model, last_logits, batch_size: int) -> None:
+    """Refuse logits a session could not have produced: a (batch_size, vocab) tensor of the model's dtype, on
+    its device, with finite values (None, before the first token, is fine)."""
+    if last_logits is None:
+        return
+    if not isinstance(last_logits, torch.Tensor):
+        raise TypeError(f"last_logits must be a torch.Tensor or None, got {type(last_logits).__name__}")
+    expected = (batch_size, model.vocab_size)
+    if tuple(last_logits.shape) != expected:
+        raise ValueError(f"last_logits has shape {tuple(last_logits.shape)}, expected (batch, vocab) = {expected}")
+    if last_logits.dtype != model.dtype:
+        raise TypeError(f"last_logits has dtype {last_logits.dtype}, expected the model's {model.dtype}")
+    if last_logits.device != model.device:
+        raise ValueError(f"last_logits is on {last_logits.device} but the model is on {model.device}")
+    if first_non_finite({"last_logits": last_logits}) is not None:
+        raise ValueError("last_logits holds NaN or infinite values; logits must be finite")
+
+
 class Session:
     """One stream (batch_size rows that advance together) over `model`, holding its recurrent state."""
 
@@ -128,6 +146,7 @@ class Session:
         self.state = state
         self.position = int(state.position[0])  # tokens consumed so far (every row alike)
         # logits after the last consumed token, (B, V); kept so predict() works right after a restore
+        check_last_logits(model, last_logits, batch_size)
         self.last_logits = last_logits
 
     # ---- streaming ------------------------------------------------------------------------------------
@@ -184,6 +203,10 @@ class Session:
     def restore(cls, model, blob: bytes, prefill_chunk_size: int | None = None, check_weights: bool = True) -> Session:
         """A Session continuing exactly where the one that wrote `blob` stood; refuses blobs of other models."""
         state, last_logits, info = blobfmt.decode(model, blob, check_weights=check_weights)
+        try:
+            check_last_logits(model, last_logits, info["batch_size"])
+        except (TypeError, ValueError) as exc:
+            raise blobfmt.StateBlobError(f"state blob holds invalid logits: {exc}") from exc
         chunk = info["prefill_chunk_size"] if prefill_chunk_size is None else prefill_chunk_size
         session = cls(model, info["batch_size"], chunk, state=state, last_logits=last_logits)
         if session.position != info["position"]:
