@@ -118,8 +118,8 @@ class MambaMixer(nn.Module):
 
         Recomputed on every call, deliberately: no cache key is reliable (writes through `.data` leave the
         version counter alone, and `p.data = p.data.t()` keeps the address), and comparing A_log with a
-        saved copy costs as much as the exp. The exp is ~30 us per layer at 130m shape, a few percent of a
-        step.
+        saved copy (torch.equal) costs about as much as the exp. The exp is ~35 us per layer at 130m shape,
+        about 3% of that layer's step.
         """
         return -torch.exp(self.A_log.float())
 

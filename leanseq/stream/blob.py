@@ -60,8 +60,8 @@ def weights_hash(model) -> str:
 
     Not cached, because no cheap key is reliable: writes through `.data` leave the version counter alone, and
     `p.data = p.data.t()` keeps the data pointer, so only the bytes themselves tell that a weight changed.
-    The cost is one pass over the weights at sha256 speed (about 2 GB/s per core: ~0.3 s for a 130m float32
-    model) on each state_bytes() and each restore; callers that cannot afford it pass
+    The cost is one pass over the weights at sha256 speed (measured ~1.7 GB/s on one core: ~0.3 s for a 130m
+    float32 model, 0.15 ms for a tiny one) on each state_bytes() and each restore; callers that cannot afford it pass
     include_weights_hash=False or check_weights=False and take on keeping model and blobs together.
     """
     digest = hashlib.sha256()
