@@ -21,7 +21,6 @@ import json
 import os
 import struct
 import tempfile
-import weakref
 from pathlib import Path
 
 import torch
@@ -46,38 +45,37 @@ class StateMismatchError(StateBlobError):
 
 
 # ---- model fingerprint ------------------------------------------------------------------------------------
-_weights_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def config_hash(model) -> str:
     return hashlib.sha256(model.config.to_json().encode()).hexdigest()
 
 
-def weights_hash(model) -> str:
-    """sha256 over every parameter and buffer (name, dtype, shape, bytes).
+def _raw_bytes(name: str, t: torch.Tensor):
+    """A tensor's bytes as a buffer for hashlib: contiguous CPU tensors are read in place, without a copy."""
+    if t.device.type == "meta":
+        raise ValueError(f"cannot fingerprint the model: weight {name!r} is on the meta device (it holds no values)")
+    flat = t.detach().cpu().contiguous().reshape(-1)  # each step is a no-op for a contiguous CPU tensor
+    return flat.view(torch.uint8).numpy()
 
-    Cached per model and recomputed only when a tensor is replaced or modified in place (torch bumps a
-    tensor's version counter on every in-place write, load_state_dict and optimiser steps included).
+
+def weights_hash(model) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes), computed afresh on every call.
+
+    Not cached, because no cheap key is reliable: writes through `.data` leave the version counter alone, and
+    `p.data = p.data.t()` keeps the data pointer, so only the bytes themselves tell that a weight changed.
+    The cost is one pass over the weights at sha256 speed (measured ~1.7 GB/s on one core: ~0.3 s for a 130m
+    float32 model, 0.15 ms for a tiny one) on each state_bytes() and each restore; callers that cannot afford it pass
+    include_weights_hash=False or check_weights=False and take on keeping model and blobs together.
     """
-    tensors = dict(model.state_dict(keep_vars=True))
-    key = tuple((name, t.data_ptr(), t._version, str(t.dtype), str(t.device)) for name, t in sorted(tensors.items()))
-    cached = _weights_cache.get(model)
-    if cached is not None and cached[0] == key:
-        return cached[1]
     digest = hashlib.sha256()
     seen: dict[int, str] = {}  # id -> first name: tied weights appear under two names as one Parameter
-    with torch.no_grad():
-        for name, t in sorted(tensors.items()):
-            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            if id(t) in seen:
-                digest.update(f"alias:{seen[id(t)]}".encode())
-                continue
-            seen[id(t)] = name
-            raw = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
-            digest.update(raw.numpy().tobytes())
-    value = digest.hexdigest()
-    _weights_cache[model] = (key, value)
-    return value
+    for name, t in sorted(model.state_dict(keep_vars=True).items()):
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if id(t) in seen:
+            digest.update(f"alias:{seen[id(t)]}".encode())
+            continue
+        seen[id(t)] = name
+        digest.update(_raw_bytes(name, t))
+    return digest.hexdigest()
 
 
 def fingerprint(model, include_weights: bool = True) -> dict:
