@@ -178,13 +178,31 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None):
         config = cls.config_class.from_dict(ckpt.read_config(path))
-        tensors = ckpt.read_tensors(path)
-        model = cls(config)
+        # The config is checked against the safetensors headers before any tensor is allocated or read, so a
+        # config that disagrees with its files (vocab_size: 20000000 beside 97 rows) is refused at no cost.
+        headers = ckpt.read_headers(path)
+        if config.num_hidden_layers > len(headers):  # every layer holds tensors; also bounds the build below
+            raise ckpt.CheckpointError(
+                f"{Path(path) / ckpt.CONFIG_FILE} says num_hidden_layers={config.num_hidden_layers}, but the "
+                f"checkpoint holds only {len(headers)} tensors in all"
+            )
+        try:
+            with torch.device("meta"):  # shapes without storage: nothing allocated, nothing initialised
+                model = cls(config)
+        except (RuntimeError, TypeError, OverflowError) as exc:  # sizes past what torch can index
+            reason = str(exc).splitlines()[0]
+            raise ckpt.CheckpointError(
+                f"{Path(path) / ckpt.CONFIG_FILE} describes a model that cannot be built ({reason})"
+            ) from exc
+        ckpt.check_headers(model, headers, optional=model._tied_keys())
+        tensors = ckpt.read_tensors(path, headers)
         # a load keeps the checkpoint's floating dtype unless asked otherwise
         float_dtypes = {v.dtype for v in tensors.values() if v.is_floating_point()}
         target = dtype or (float_dtypes.pop() if len(float_dtypes) == 1 else torch.float32)
-        model.to(target)
-        ckpt.load_state_dict_strict(model, tensors, optional=model._tied_keys())
+        for k, v in tensors.items():  # one tensor at a time, so a conversion never holds two copies of the model
+            if v.is_floating_point():
+                tensors[k] = v.to(target)
+        ckpt.load_state_dict_strict(model, tensors, optional=model._tied_keys(), assign=True)
         if device is not None:
             model.to(device)
         return model.eval()

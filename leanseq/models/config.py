@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from typing import Any
 
@@ -31,6 +32,23 @@ GENERIC_HF_KEYS = frozenset(
 
 class ConfigError(ValueError):
     """A config key is unknown, missing or of the wrong type."""
+
+
+def check_number(key: str, value: float, *, above: float | None = None, at_least: float | None = None) -> None:
+    """Raise a ConfigError naming `key` unless `value` is finite and > `above` / >= `at_least`.
+
+    NaN passes every comparison unnoticed and an epsilon of 0 or a negative step size turns into NaN logits
+    or a math domain error deep inside the model, so numbers are checked where the config is read.
+    """
+    if above is not None and not value > above:
+        bound = f" > {above}"
+    elif at_least is not None and not value >= at_least:
+        bound = f" >= {at_least}"
+    elif not math.isfinite(value):
+        bound = ""
+    else:
+        return
+    raise ConfigError(f"config key {key!r} must be a finite number{bound}, got {value!r}")
 
 
 def _check_type(name: str, value: Any, annotation: Any) -> Any:

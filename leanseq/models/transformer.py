@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanseq.models.base import LanguageModel
-from leanseq.models.config import ConfigBase, ConfigError
+from leanseq.models.config import ConfigBase, ConfigError, check_number
 from leanseq.models.layers import RMSNorm
 from leanseq.models.state import State, TensorSpec
 
@@ -77,6 +77,7 @@ class TransformerConfig(ConfigBase):
                      "num_attention_heads", "max_position_embeddings"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key {name!r} must be a positive integer, got {getattr(self, name)}")
+        check_number("rms_norm_eps", self.rms_norm_eps, above=0)
         if self.position_embedding not in ("rope", "absolute"):
             raise ConfigError(f"position_embedding must be 'rope' or 'absolute', got {self.position_embedding!r}")
         if self.hidden_size % self.num_attention_heads:
@@ -156,8 +157,9 @@ def _standard_rope_parameters(rope: dict | None) -> dict:
             f"rope_type {rope_type!r} (RoPE scaling) is not implemented in leanseq; only 'default' RoPE is"
         )
     theta = rope.pop("rope_theta", DEFAULT_ROPE_THETA)
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
-        raise ConfigError(f"rope_theta must be a positive number, got {theta!r}")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise ConfigError(f"config key 'rope_theta' must be a positive number, got {theta!r}")
+    check_number("rope_theta", theta, above=0)
     if rope:
         raise ConfigError(f"unknown rope_parameters keys {sorted(rope)} for default RoPE (known: rope_type, rope_theta)")
     return {"rope_theta": float(theta), "rope_type": "default"}
