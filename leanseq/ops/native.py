@@ -26,6 +26,7 @@ The cache is trusted only after checks, because loading a library runs its code:
 
 from __future__ import annotations
 
+import array
 import ctypes
 import hashlib
 import hmac
@@ -58,6 +59,7 @@ _FWD_BUFFERS = ("u", "delta", "A", "B", "C", "D", "z", "h", "y", "starts")
 _BWD_BUFFERS = ("u", "delta", "A", "B", "C", "starts", "grad_y", "grad_h", "du", "ddelta", "dA", "dB_part",
                 "dC_part", "dh0")
 _NO_MEMORY, _BAD_SIZES, _BAD_BUFFER = 1, 2, 16
+_SIZE_NAMES = ("batch", "length", "dim", "nstate", "chunk")
 
 _lock = threading.Lock()
 _lib = None
@@ -445,29 +447,46 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
-def _check_buffer(name: str, t, shape: tuple[int, ...], sizes: str) -> None:
-    """The kernel reads and writes raw float32 memory: refuse any tensor that is not exactly what it expects."""
-    if t.device.type != "cpu" or t.dtype != torch.float32:
-        raise ValueError(f"the compiled scan kernel needs {name} as a float32 CPU tensor; got {t.dtype} on {t.device}")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"the compiled scan kernel needs {name} of shape {shape} for {sizes}; "
-                         f"got {tuple(t.shape)}")
+def _check_buffers(names: tuple[str, ...], tensors: tuple, shapes: tuple, sizes: tuple[int, ...]) -> None:
+    """The kernel reads and writes raw float32 memory: refuse any tensor that is not exactly what it expects.
+
+    One cheap pass first (a decoding step calls this once per layer and token); names only on a mismatch.
+    """
+    f32 = torch.float32
+    for t, shape in zip(tensors, shapes, strict=True):
+        if t is not None and (t.dtype != f32 or t.shape != shape or not t.is_cpu):
+            break
+    else:
+        return
+    for name, t, shape in zip(names[:len(tensors)], tensors, shapes, strict=True):
+        if t is None:
+            continue
+        if not t.is_cpu or t.dtype != f32:
+            raise ValueError(f"the compiled scan kernel needs {name} as a float32 CPU tensor; "
+                             f"got {t.dtype} on {t.device}")
+        if t.shape != shape:
+            raise ValueError(f"the compiled scan kernel needs {name} of shape {shape} for "
+                             f"{', '.join(f'{k}={v}' for k, v in zip(_SIZE_NAMES, sizes))}; "
+                             f"got {tuple(t.shape)}")
 
 
-def _scan_sizes(u, A) -> tuple[int, int, int, int, str]:
-    """(batch, length, dim, nstate, description) from u (B, L, D) and A (D, N)."""
+def _scan_sizes(u, A) -> tuple[int, int, int, int]:
+    """(batch, length, dim, nstate) from u (B, L, D) and A (D, N)."""
     if u.dim() != 3:
         raise ValueError(f"the compiled scan kernel needs u as (batch, length, dim); got shape {tuple(u.shape)}")
     if A.dim() != 2:
         raise ValueError(f"the compiled scan kernel needs A as (dim, nstate); got shape {tuple(A.shape)}")
     batch, length, dim = u.shape
     nstate = A.shape[1]
-    return batch, length, dim, nstate, f"batch={batch}, length={length}, dim={dim}, nstate={nstate}"
+    return batch, length, dim, nstate
 
 
-def _counts(buffers) -> ctypes.Array:
-    """Element counts of the buffers, for the kernel's own check (0 for an absent optional buffer)."""
-    return (ctypes.c_int64 * len(buffers))(*(0 if t is None else t.numel() for t in buffers))
+def _counts(buffers) -> array.array:
+    """Element counts of the buffers, for the kernel's own check (0 for an absent optional buffer).
+
+    An array.array of int64 rather than a ctypes array: half the cost, and a step calls this once per layer.
+    """
+    return array.array("q", [0 if t is None else t.numel() for t in buffers])
 
 
 def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, h=None, chunk: int = 0, threads: int | None = None):
@@ -476,15 +495,12 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, h=None, chunk: int = 0
     `h` is the initial state; it is copied, never modified. Every tensor must be float32 on the CPU with
     exactly the shape the sizes of u (B, L, D) and A (D, N) imply: anything else raises ValueError.
     """
-    batch, length, dim, nstate, sizes = _scan_sizes(u, A)
+    batch, length, dim, nstate = _scan_sizes(u, A)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
         raise ValueError(f"the compiled scan kernel needs chunk as an int >= 0; got {chunk!r}")
     seq, tokens, state = (batch, length, dim), (batch, length, nstate), (batch, dim, nstate)
-    given = {"u": (u, seq), "delta": (delta, seq), "A": (A, (dim, nstate)), "B": (B, tokens), "C": (C, tokens),
-             "D": (D, (dim,)), "z": (z, seq), "h": (h, state)}
-    for name, (t, shape) in given.items():
-        if t is not None:
-            _check_buffer(name, t, shape, sizes)
+    _check_buffers(_FWD_BUFFERS, (u, delta, A, B, C, D, z, h),
+                   (seq, seq, (dim, nstate), tokens, tokens, (dim,), seq, state), (batch, length, dim, nstate))
     u, delta, A, B, C = (t.contiguous() for t in (u, delta, A, B, C))
     D = None if D is None else D.contiguous()
     z = None if z is None else z.contiguous()
@@ -492,8 +508,8 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, h=None, chunk: int = 0
     y = torch.empty(batch, length, dim)
     starts = torch.empty(batch, (length + chunk - 1) // chunk, dim, nstate) if chunk > 0 else None
     buffers = (u, delta, A, B, C, D, z, h, y, starts)
-    counts = _counts(buffers)
-    args = [*(_ptr(t) for t in buffers), counts, len(buffers)]
+    counts = _counts(buffers)  # referenced until the calls return: the kernel reads it through a pointer
+    args = [*(_ptr(t) for t in buffers), counts.buffer_info()[0], len(buffers)]
     _run_blocks(_lib.leanseq_selective_scan_fwd, args, (batch, length, dim, nstate, chunk), threads,
                 batch * length * dim * nstate, names=_FWD_BUFFERS)
     return y, h, starts
@@ -535,16 +551,13 @@ def selective_scan_bwd(u, delta, A, B, C, starts, grad_y, grad_h, chunk: int, th
 
     Returns (du, ddelta, dA, dB, dC, dh0), all float32. Shapes and dtypes are checked as in the forward.
     """
-    batch, length, dim, nstate, sizes = _scan_sizes(u, A)
+    batch, length, dim, nstate = _scan_sizes(u, A)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"the compiled scan kernel's backward needs chunk as an int >= 1; got {chunk!r}")
     seq, tokens, state = (batch, length, dim), (batch, length, nstate), (batch, dim, nstate)
-    given = {"u": (u, seq), "delta": (delta, seq), "A": (A, (dim, nstate)), "B": (B, tokens), "C": (C, tokens),
-             "starts": (starts, (batch, (length + chunk - 1) // chunk, dim, nstate)), "grad_y": (grad_y, seq),
-             "grad_h": (grad_h, state)}
-    for name, (t, shape) in given.items():
-        if t is not None:
-            _check_buffer(name, t, shape, f"{sizes}, chunk={chunk}")
+    _check_buffers(_BWD_BUFFERS, (u, delta, A, B, C, starts, grad_y, grad_h),
+                   (seq, seq, (dim, nstate), tokens, tokens, (batch, (length + chunk - 1) // chunk, dim, nstate), seq,
+                    state), (batch, length, dim, nstate, chunk))
     u, delta, A, B, C, starts = (t.contiguous() for t in (u, delta, A, B, C, starts))
     grad_y = grad_y.contiguous()
     grad_h = None if grad_h is None else grad_h.contiguous()
@@ -560,7 +573,7 @@ def selective_scan_bwd(u, delta, A, B, C, starts, grad_y, grad_h, chunk: int, th
 
     def block_args(i):
         return [*(_ptr(t) for t in shared), dB_parts[i].data_ptr(), dC_parts[i].data_ptr(), dh0.data_ptr(),
-                counts, len(counts)]
+                counts.buffer_info()[0], len(counts)]
 
     _run_blocks(_lib.leanseq_selective_scan_bwd, None, (batch, length, dim, nstate, chunk), threads,
                 batch * length * dim * nstate, per_block_args=block_args, names=_BWD_BUFFERS)
