@@ -135,6 +135,12 @@ RAW_C = COMMON + textwrap.dedent("""
         report("fwd " + case, call(fwd, FWD, fwd_buffers(), sizes))
     report("fwd wrong ncounts", call(fwd, FWD, fwd_buffers(), (b, L, d, n, chunk, 0, d), ncounts=9))
 
+    bufs = fwd_buffers()  # the wrapper's translation of a refusal: a ValueError naming the buffer
+    bufs["h"] = bufs["h"].flatten()[:-1].clone()
+    counts = native._counts([bufs[k] for k in FWD])
+    args = [bufs[k].data_ptr() for k in FWD] + [counts.buffer_info()[0], len(FWD)]
+    attempt("fwd refusal raised", lambda: native._run_blocks(fwd, args, (b, L, d, n, chunk), 1, 1, names=FWD))
+
     report("bwd valid", call(bwd, BWD, bwd_buffers(), (b, L, d, n, chunk, 0, d)))
     for i, name in enumerate(BWD):
         bufs = bwd_buffers()
@@ -220,6 +226,11 @@ def test_the_c_forward_names_the_short_buffer_and_writes_nothing(raw_cases):
     assert raw_cases["cases"].get("fwd sizes larger") == native._BAD_BUFFER + native._FWD_BUFFERS.index("A")
     assert raw_cases["cases"].get("fwd absent D counted") == native._BAD_BUFFER + native._FWD_BUFFERS.index("D")
     assert raw_cases["cases"].get("fwd absent u") == native._BAD_BUFFER + native._FWD_BUFFERS.index("u")
+
+
+def test_a_refusal_in_c_is_raised_as_a_value_error_naming_the_buffer(raw_cases):
+    outcome = raw_cases["cases"].get("fwd refusal raised", "")
+    assert outcome.startswith("refused: ") and "buffer h" in outcome, outcome
 
 
 def test_the_c_backward_names_the_short_buffer(raw_cases):
