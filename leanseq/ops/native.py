@@ -413,16 +413,19 @@ def _build() -> tuple[ctypes.CDLL, str]:
             lib = _compile_and_load(compiler, Path(private) / name, os.urandom(_SECRET_BYTES), key)
         except _Rejected as exc:
             raise RuntimeError(f"the freshly compiled kernel cannot be used: {exc}; using the PyTorch scan") from None
-    return lib, f"compiled kernel in use, built in a private temporary folder (not cached) because the cache {folder} is not safe: {problem}"
+    return lib, (f"compiled kernel in use, built in a private temporary folder (not cached) because the cache "
+                 f"{folder} is not safe: {problem}")
+
+
+def _is_enabled() -> bool:
+    return _enabled if _enabled is not None else os.environ.get("LEANSEQ_NATIVE", "1") != "0"
 
 
 def available() -> bool:
     """Whether the compiled kernel is in use (builds it on the first call)."""
     global _lib, _reason
-    enabled = _enabled if _enabled is not None else os.environ.get("LEANSEQ_NATIVE", "1") != "0"
-    if not enabled:
-        _reason = "disabled (LEANSEQ_NATIVE=0 or set_enabled(False))"
-        return False
+    if not _is_enabled():
+        return False  # the selection is left untouched, so enabling it later still builds
     if _lib is None:
         with _lock:
             if _lib is None and _reason == "not built yet":
@@ -434,7 +437,8 @@ def available() -> bool:
 
 
 def status() -> str:
-    available()
+    if not available() and not _is_enabled():
+        return "disabled (LEANSEQ_NATIVE=0 or set_enabled(False))"
     return _reason
 
 

@@ -223,3 +223,15 @@ def test_reset_lets_a_process_select_again(tmp_path, monkeypatch):
         native._reset()
         native.set_enabled(None)
     assert native.available(), native.status()
+
+
+def test_enabling_after_a_disabled_first_use_still_builds():
+    native._reset()
+    try:
+        native.set_enabled(False)
+        assert not native.available()
+        assert native.status().startswith("disabled")
+        native.set_enabled(True)
+        assert native.available(), native.status()
+    finally:
+        native.set_enabled(None)
