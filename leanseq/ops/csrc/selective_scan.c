@@ -7,16 +7,68 @@
  * step reads contiguous rows of u, delta, z and y while the whole (D, N) state stays in cache.
  * When `starts` is not NULL, the state before every `chunk`-th step is copied to starts[b, t / chunk] so that a
  * backward pass can recompute any chunk from its start.
+ *
+ * Both entry points check their arguments before touching memory (defence in depth behind the Python
+ * wrapper): the caller passes the element count of every buffer, and a count that differs from what the
+ * sizes imply, or sizes that cannot be right, make the function return an error code without writing.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-void leanseq_selective_scan_fwd(const float *u, const float *delta, const float *A, const float *B,
-                                const float *C, const float *D, const float *z, float *h, float *y,
-                                float *starts, int64_t batch, int64_t length, int64_t dim, int64_t nstate,
-                                int64_t chunk, int64_t d0, int64_t d1) {
-    int64_t nchunks = (chunk > 0) ? (length + chunk - 1) / chunk : 0;
+enum {
+    LEANSEQ_OK = 0,
+    LEANSEQ_NO_MEMORY = 1,
+    LEANSEQ_BAD_SIZES = 2,    /* negative sizes, channels [d0, d1) outside [0, dim), bad chunk, overflow */
+    LEANSEQ_BAD_BUFFER = 16,  /* + the index of the first buffer whose element count does not match */
+};
+
+/* a * b * c * d, or -1 when a factor is negative or the product does not fit */
+static int64_t product4(int64_t a, int64_t b, int64_t c, int64_t d) {
+    int64_t r;
+    if (a < 0 || b < 0 || c < 0 || d < 0) return -1;
+    if (__builtin_mul_overflow(a, b, &r) || __builtin_mul_overflow(r, c, &r) || __builtin_mul_overflow(r, d, &r))
+        return -1;
+    return r;
+}
+
+/* Every buffer's given element count against the one the sizes need. A NULL buffer is allowed when it is
+ * optional (then its count must be 0) or when it would hold no elements. */
+static int check_buffers(int n, const void *const *ptrs, const int *optional, const int64_t *expected,
+                         const int64_t *numel, int64_t nnumel) {
+    if (nnumel != n) return LEANSEQ_BAD_SIZES;
+    for (int i = 0; i < n; i++) {
+        if (expected[i] < 0) return LEANSEQ_BAD_SIZES;
+        const int64_t need = (ptrs[i] == NULL && optional[i]) ? 0 : expected[i];
+        if (numel[i] != need || (ptrs[i] == NULL && need != 0)) return LEANSEQ_BAD_BUFFER + i;
+    }
+    return LEANSEQ_OK;
+}
+
+static int check_sizes(int64_t batch, int64_t length, int64_t dim, int64_t nstate, int64_t d0, int64_t d1) {
+    if (batch < 0 || length < 0 || dim < 0 || nstate < 0) return LEANSEQ_BAD_SIZES;
+    if (d0 < 0 || d0 > d1 || d1 > dim) return LEANSEQ_BAD_SIZES;
+    return LEANSEQ_OK;
+}
+
+/* numel: the element counts of u, delta, A, B, C, D, z, h, y, starts (0 for an absent D, z or starts). */
+int leanseq_selective_scan_fwd(const float *u, const float *delta, const float *A, const float *B,
+                               const float *C, const float *D, const float *z, float *h, float *y,
+                               float *starts, const int64_t *numel, int64_t nnumel, int64_t batch,
+                               int64_t length, int64_t dim, int64_t nstate, int64_t chunk, int64_t d0,
+                               int64_t d1) {
+    int status = check_sizes(batch, length, dim, nstate, d0, d1);
+    if (status != LEANSEQ_OK) return status;
+    if (chunk < 0 || (starts != NULL && chunk < 1)) return LEANSEQ_BAD_SIZES;
+    const int64_t nchunks = (chunk > 0) ? length / chunk + (length % chunk != 0) : 0;
+    const int64_t seq = product4(batch, length, dim, 1), tokens = product4(batch, length, nstate, 1);
+    const int64_t state = product4(batch, dim, nstate, 1), saved = product4(batch, nchunks, dim, nstate);
+    const int64_t expected[10] = {seq, seq, product4(dim, nstate, 1, 1), tokens, tokens, dim, seq, state, seq,
+                                  saved};
+    const void *const ptrs[10] = {u, delta, A, B, C, D, z, h, y, starts};
+    static const int optional[10] = {0, 0, 0, 0, 0, 1, 1, 0, 0, 1};
+    status = check_buffers(10, ptrs, optional, expected, numel, nnumel);
+    if (status != LEANSEQ_OK) return status;
     for (int64_t b = 0; b < batch; b++) {
         float *hb = h + b * dim * nstate;
         for (int64_t t = 0; t < length; t++) {
@@ -49,6 +101,7 @@ void leanseq_selective_scan_fwd(const float *u, const float *delta, const float 
             }
         }
     }
+    return LEANSEQ_OK;
 }
 
 #include <stdlib.h>
@@ -60,16 +113,34 @@ void leanseq_selective_scan_fwd(const float *u, const float *delta, const float 
  * back, so g ends as dL/dh0. Gradients: du, ddelta (batch, L, D) and dA (D, N) are written only for this
  * thread's channels; dB and dC (batch, L, N) are summed over channels, so each thread writes its own partial
  * buffers dB_part / dC_part (zeroed by the caller) that the caller adds up.
+ * numel: the element counts of the 14 buffers in argument order (0 for an absent grad_h).
  */
 int leanseq_selective_scan_bwd(const float *u, const float *delta, const float *A, const float *B,
                                const float *C, const float *starts, const float *grad_y, const float *grad_h,
                                float *du, float *ddelta, float *dA, float *dB_part, float *dC_part, float *dh0,
-                               int64_t batch, int64_t length, int64_t dim, int64_t nstate, int64_t chunk,
-                               int64_t d0, int64_t d1) {
-    const int64_t nd = d1 - d0, nchunks = (length + chunk - 1) / chunk;
-    float *H = malloc(sizeof(float) * (size_t)(chunk * nd * nstate));
-    float *g = malloc(sizeof(float) * (size_t)(nd * nstate));
-    if (!H || !g) { free(H); free(g); return 1; }
+                               const int64_t *numel, int64_t nnumel, int64_t batch, int64_t length, int64_t dim,
+                               int64_t nstate, int64_t chunk, int64_t d0, int64_t d1) {
+    int status = check_sizes(batch, length, dim, nstate, d0, d1);
+    if (status != LEANSEQ_OK) return status;
+    if (chunk < 1) return LEANSEQ_BAD_SIZES;
+    const int64_t nd = d1 - d0, nchunks = length / chunk + (length % chunk != 0);
+    const int64_t seq = product4(batch, length, dim, 1), tokens = product4(batch, length, nstate, 1);
+    const int64_t state = product4(batch, dim, nstate, 1), params = product4(dim, nstate, 1, 1);
+    const int64_t expected[14] = {seq, seq, params, tokens, tokens, product4(batch, nchunks, dim, nstate), seq,
+                                  state, seq, seq, params, tokens, tokens, state};
+    const void *const ptrs[14] = {u, delta, A, B, C, starts, grad_y, grad_h, du, ddelta, dA, dB_part, dC_part,
+                                  dh0};
+    static const int optional[14] = {0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0};
+    status = check_buffers(14, ptrs, optional, expected, numel, nnumel);
+    if (status != LEANSEQ_OK) return status;
+    /* the recomputed states of one chunk: never more steps than the sequence has */
+    const int64_t steps = chunk < length ? chunk : length;
+    const int64_t work = product4(steps > 0 ? steps : 1, nd, nstate, (int64_t)sizeof(float));
+    if (work < 0 || (uint64_t)work >= SIZE_MAX) return LEANSEQ_NO_MEMORY;
+    /* + 1: never ask for 0 bytes, for which malloc may return NULL */
+    float *H = malloc((size_t)work + 1);
+    float *g = malloc(sizeof(float) * (size_t)(nd * nstate) + 1);
+    if (!H || !g) { free(H); free(g); return LEANSEQ_NO_MEMORY; }
     for (int64_t b = 0; b < batch; b++) {
         for (int64_t i = 0; i < nd * nstate; i++)
             g[i] = grad_h ? grad_h[(b * dim + d0) * nstate + i] : 0.0f;
@@ -120,5 +191,5 @@ int leanseq_selective_scan_bwd(const float *u, const float *delta, const float *
     }
     free(H);
     free(g);
-    return 0;
+    return LEANSEQ_OK;
 }
