@@ -6,6 +6,24 @@ import torch
 from torch import nn
 
 
+def filled_unless_meta(t: torch.Tensor, fill) -> torch.Tensor:
+    """t filled in place by fill(t), except on the meta device (shapes only), for the same reason as above."""
+    if not t.is_meta:
+        with torch.no_grad():
+            t.copy_(fill(t))
+    return t
+
+
+def embedding(num_embeddings: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, initialised as nn.Embedding does it (so seeded models draw the same numbers) except on meta.
+
+    nn.Embedding's own init calls normal_, which on the meta device (where leanseq.load builds a model before
+    comparing it with the checkpoint) runs a Python meta kernel that imports torch._dynamo: seconds per process.
+    """
+    weight = filled_unless_meta(torch.empty(num_embeddings, dim), lambda t: torch.randn_like(t))
+    return nn.Embedding(num_embeddings, dim, _weight=weight)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 (as Mamba, Mamba-2 and Llama checkpoints expect), weight applied after."""
 

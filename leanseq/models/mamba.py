@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanseq.models.config import ConfigBase, ConfigError, check_number
+from leanseq.models.layers import filled_unless_meta
 from leanseq.models.ssm import ConvSSMState, SSMLanguageModel
 from leanseq.ops import causal_conv1d, causal_conv1d_step
 from leanseq.ops.selective_scan import selective_scan_chunked, selective_scan_reference, selective_scan_step
@@ -103,6 +104,11 @@ class MambaConfig(ConfigBase):
         check_number("initializer_range", self.initializer_range, at_least=0)
 
 
+def _s4d_real_log(n: int) -> torch.Tensor:
+    """log(1..N): the S4D-real decays A = -(1..N) of the Mamba reference init, broadcast over channels."""
+    return torch.log(torch.arange(1, n + 1, dtype=torch.float32))
+
+
 @dataclasses.dataclass
 class MambaState(ConvSSMState):
     """conv (n_layers, B, intermediate, conv_kernel - 1); ssm (n_layers, B, intermediate, state_size) float32."""
@@ -117,7 +123,7 @@ class MambaMixer(nn.Module):
         self.conv1d = nn.Conv1d(d_inner, d_inner, config.conv_kernel, groups=d_inner, bias=config.use_conv_bias)
         self.x_proj = nn.Linear(d_inner, rank + 2 * n, bias=False)
         self.dt_proj = nn.Linear(rank, d_inner, bias=True)
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.A_log = nn.Parameter(filled_unless_meta(torch.empty(d_inner, n), lambda t: _s4d_real_log(n)))
         self.D = nn.Parameter(torch.ones(d_inner))
         self.out_proj = nn.Linear(d_inner, config.hidden_size, bias=config.use_bias)
 
@@ -166,8 +172,9 @@ class LTIMixer(MambaMixer):
         super().__init__(config)
         del self.x_proj
         self.dt_lti = nn.Parameter(torch.zeros(self.rank))  # (R,): input to dt_proj, shared by all positions
-        self.B_lti = nn.Parameter(torch.randn(self.state_size) / math.sqrt(self.state_size))  # (N,)
-        self.C_lti = nn.Parameter(torch.randn(self.state_size) / math.sqrt(self.state_size))  # (N,)
+        n = self.state_size
+        self.B_lti = nn.Parameter(filled_unless_meta(torch.empty(n), lambda t: torch.randn(n) / math.sqrt(n)))  # (N,)
+        self.C_lti = nn.Parameter(filled_unless_meta(torch.empty(n), lambda t: torch.randn(n) / math.sqrt(n)))  # (N,)
 
     def _ssm_inputs(self, xs: torch.Tensor):
         delta = F.softplus(self.dt_proj(self.dt_lti).float()).expand_as(xs)  # (..., D), no dependence on xs
@@ -198,5 +205,5 @@ class MambaLM(SSMLanguageModel):
             + math.log(cfg.time_step_min)
         ).clamp(min=cfg.time_step_floor)
         m.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        m.A_log.copy_(torch.log(torch.arange(1, m.state_size + 1, dtype=torch.float32)).repeat(m.d_inner, 1))
+        m.A_log.copy_(_s4d_real_log(m.state_size).expand_as(m.A_log))
         m.D.fill_(1.0)

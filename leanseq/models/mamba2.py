@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanseq.models.config import ConfigBase, ConfigError, check_number
-from leanseq.models.layers import GatedRMSNorm
+from leanseq.models.layers import GatedRMSNorm, filled_unless_meta
 from leanseq.models.ssm import ConvSSMState, SSMLanguageModel
 from leanseq.ops import causal_conv1d, causal_conv1d_step
 from leanseq.ops.ssd import ssd_chunked, ssd_reference, ssd_step
@@ -147,7 +147,8 @@ class Mamba2Mixer(nn.Module):
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.conv_kernel, groups=self.conv_dim,
                                 bias=config.use_conv_bias)
         self.dt_bias = nn.Parameter(torch.zeros(self.num_heads))
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
+        self.A_log = nn.Parameter(filled_unless_meta(
+            torch.empty(self.num_heads), lambda t: torch.log(torch.arange(1, t.numel() + 1, dtype=torch.float32))))
         self.D = nn.Parameter(torch.ones(self.num_heads))
         self.norm = GatedRMSNorm(self.d_inner, n_groups=self.n_groups, eps=config.layer_norm_epsilon)
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=config.use_bias)

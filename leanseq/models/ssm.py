@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from leanseq.models.base import LanguageModel
-from leanseq.models.layers import RMSNorm
+from leanseq.models.layers import RMSNorm, embedding
 from leanseq.models.state import State, TensorSpec
 
 
@@ -45,7 +45,7 @@ class ResidualBlock(nn.Module):
 class SSMBackbone(nn.Module):
     def __init__(self, config, make_mixer):
         super().__init__()
-        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embeddings = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(ResidualBlock(config, make_mixer(config)) for _ in range(config.num_hidden_layers))
         self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
@@ -81,6 +81,8 @@ class SSMLanguageModel(LanguageModel):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Initialisation for training from scratch, following the Mamba reference recipe."""
+        if self.lm_head.weight.is_meta:  # built to be loaded: the checkpoint's tensors replace everything
+            return
         nn.init.normal_(self.backbone.embeddings.weight, std=0.02)
         nn.init.normal_(self.lm_head.weight, std=0.02)
         for block in self.backbone.layers:

@@ -25,7 +25,7 @@ from torch import nn
 
 from leanseq.models.base import LanguageModel
 from leanseq.models.config import ConfigBase, ConfigError, check_number
-from leanseq.models.layers import RMSNorm
+from leanseq.models.layers import RMSNorm, embedding
 from leanseq.models.state import State, TensorSpec
 
 ROPE_MODEL_TYPE = "llama"
@@ -388,9 +388,9 @@ class TransformerBody(nn.Module):
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         if config.position_embedding == "absolute":
-            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            self.embed_positions = embedding(config.max_position_embeddings, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -411,6 +411,8 @@ class TransformerLM(LanguageModel):
 
     def reset_parameters(self) -> None:
         """Small-normal init for training from scratch; residual outputs scaled by 1/sqrt(2 * n_layers)."""
+        if self.lm_head.weight.is_meta:  # built to be loaded: the checkpoint's tensors replace everything
+            return
         std = 0.02
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):

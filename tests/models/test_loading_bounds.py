@@ -317,3 +317,17 @@ def test_dtype_and_device_arguments_still_apply(family, tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.float32} and model.device == torch.device("cpu")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, original.state_dict()[name].float()), name
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_first_load_stays_cheap_no_meta_kernels_run(family, tmp_path):
+    """Building on the meta device must not run torch's Python meta kernels (random init, log, ...): their first
+    use imports torch._dynamo, which made every process's first leanseq.load of even a tiny model take seconds."""
+    path = saved(family, tmp_path / family)
+    probe = (
+        "import sys, leanseq; m = leanseq.load(sys.argv[1]); m(__import__('torch').tensor([[1, 2]]));"
+        "print('torch._dynamo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True,
+                         timeout=120)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
