@@ -133,7 +133,8 @@ def run_worker(impl: str, ckpt: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--ckpt", str(ckpt), "--lengths",
            ",".join(map(str, args.lengths)), "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
     if proc.returncode != 0:
         raise RuntimeError(f"worker {impl} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

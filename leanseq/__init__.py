@@ -10,4 +10,4 @@ def load(path, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["load", "__version__"]
+__all__ = ["__version__", "load"]
