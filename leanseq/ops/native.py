@@ -84,6 +84,29 @@ def _build() -> ctypes.CDLL:
     return lib
 
 
+def build_library(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compile another C file the way the scan kernel is built (same compiler, flags and cache folder) and
+    load it. Raises RuntimeError or OSError when that is impossible; callers fall back to PyTorch."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (install gcc or set CC)")
+    source = Path(source)
+    key = hashlib.sha256(source.read_bytes() + compiler.encode() + " ".join(extra_flags).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{source.stem}-{key}-{_cpu_tag()}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        cmd = [compiler, "-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", *extra_flags, str(source),
+               "-o", tmp, "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(f"compiling {source.name} failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+        os.replace(tmp, target)  # atomic: concurrent builders never load a half-written library
+    return ctypes.CDLL(str(target))
+
+
 def available() -> bool:
     """Whether the compiled kernel is in use (builds it on the first call)."""
     global _lib, _reason
