@@ -176,6 +176,11 @@ static inline __attribute__((always_inline)) __m512 load_w(const void *w, int in
     if (int8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, (const int8_t *)w + k)));
     return _mm512_maskz_loadu_ps(m, (const float *)w + k);
 }
+/* unmasked, so the load folds into the widening instruction */
+static inline __attribute__((always_inline)) __m512 load_w_full(const void *w, int int8, int64_t k) {
+    if (int8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)w + k))));
+    return _mm512_loadu_ps((const float *)w + k);
+}
 static inline __attribute__((always_inline)) void block4(const void *const *wr, int int8, const float *const *xb,
                                                          int nb, int64_t K, float out[4][4]) {
     __m512 acc[4][4];
@@ -186,7 +191,7 @@ static inline __attribute__((always_inline)) void block4(const void *const *wr, 
         __m512 xv[4];
         for (int j = 0; j < nb; j++) xv[j] = _mm512_loadu_ps(xb[j] + k);
         for (int i = 0; i < 4; i++) {
-            const __m512 w = load_w(wr[i], int8, k, 0xFFFF);
+            const __m512 w = load_w_full(wr[i], int8, k);
             for (int j = 0; j < nb; j++) acc[i][j] = _mm512_fmadd_ps(w, xv[j], acc[i][j]);
         }
     }
