@@ -257,6 +257,7 @@ class Plan:
         self.weight_bytes = sum(t.numel() * t.element_size() for t in unique.values()) - embed_only
         self.params = [t for t in keep if t.requires_grad]
         self.scratch = torch.empty(0)
+        self.layouts: dict = {}
         self.args_fixed = (self.cfg.data_ptr(), len(_CFG), self.fp.data_ptr(), len(_FP), self.ptrs.data_ptr())
 
     def threads(self, batch: int) -> int:
@@ -280,19 +281,30 @@ def invalidate(model) -> None:
     model.__dict__.pop("_native_decode_plan", None)
 
 
-def _check_state_tensor(t: torch.Tensor, shape, what: str) -> bool:
-    """False: not float32 CPU (the eager path handles it). Raises for a wrong shape (memory safety)."""
-    if t.device.type != "cpu" or t.dtype != torch.float32:
-        return False
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"state.{what} has shape {tuple(t.shape)}, but this model's state for "
-                         f"{shape[1]} rows is {tuple(shape)}")
-    return True
+def _refuse_shape(t: torch.Tensor, shape, what: str):
+    raise ValueError(f"state.{what} has shape {tuple(t.shape)}, but this model's state for {shape[1]} rows is "
+                     f"{tuple(shape)}")
+
+
+def _batch_layout(plan: Plan, batch: int):
+    """Per batch size, computed once: expected state shapes, the sizes the C entry checks, scratch floats."""
+    L, CC, W = plan.conv_shape
+    conv = torch.Size((L, batch, CC, W))
+    ssm = torch.Size((L, batch, *plan.ssm_row))
+    need = batch * plan.per_row + plan.fixed
+    sizes = (ctypes.c_int64 * 10)(batch, conv.numel(), ssm.numel(), conv.numel(), ssm.numel(), batch, batch,
+                                  batch * plan.vocab, need, plan.ptrs.numel())
+    layout = (conv, ssm, sizes, need)
+    plan.layouts[batch] = layout
+    return layout
+
+
+_F32 = torch.float32
 
 
 def try_step(model, token_ids: torch.Tensor, state):
     """(logits (B, V), new state) from the native kernel, or None when the eager step must run."""
-    if not enabled() or token_ids.device.type != "cpu":
+    if not enabled() or not token_ids.is_cpu:
         return None
     plan = plan_for(model)
     if plan.error is not None or library() is None:
@@ -301,21 +313,21 @@ def try_step(model, token_ids: torch.Tensor, state):
     if torch.is_grad_enabled() and (conv.requires_grad or ssm.requires_grad or any(p.requires_grad for p in plan.params)):
         return None  # autograd wants a graph: the eager ops record one
     batch = token_ids.shape[0]
-    L, CC, W = plan.conv_shape
-    if not (_check_state_tensor(conv, (L, batch, CC, W), "conv")
-            and _check_state_tensor(ssm, (L, batch, *plan.ssm_row), "ssm")):
-        return None
-    if pos.dtype != torch.int64 or pos.device.type != "cpu" or tuple(pos.shape) != (batch,):
+    conv_shape, ssm_shape, sizes, need = plan.layouts.get(batch) or _batch_layout(plan, batch)
+    if conv.dtype != _F32 or ssm.dtype != _F32 or not (conv.is_cpu and ssm.is_cpu and pos.is_cpu):
+        return None  # not float32 CPU state: the eager path handles (or refuses) it
+    if conv.shape != conv_shape:
+        _refuse_shape(conv, conv_shape, "conv")  # wrong sizes never reach native code
+    if ssm.shape != ssm_shape:
+        _refuse_shape(ssm, ssm_shape, "ssm")
+    if pos.dtype != torch.int64 or pos.shape != token_ids.shape:
         return None
     conv, ssm, pos, tokens = conv.contiguous(), ssm.contiguous(), pos.contiguous(), token_ids.contiguous()
-    need = batch * plan.per_row + plan.fixed
     scratch = plan.scratch
     if scratch.numel() < need:
         scratch = plan.scratch = torch.empty(need)
-    new_conv, new_ssm, new_pos = torch.empty_like(conv), torch.empty_like(ssm), torch.empty_like(pos)
+    new_conv, new_ssm, new_pos = torch.empty(conv_shape), torch.empty(ssm_shape), torch.empty_like(pos)
     logits = torch.empty(batch, plan.vocab)
-    sizes = (ctypes.c_int64 * 10)(batch, conv.numel(), ssm.numel(), new_conv.numel(), new_ssm.numel(), batch, batch,
-                                  logits.numel(), scratch.numel(), plan.ptrs.numel())
     rc = _lib.leanseq_ssm_decode_step(
         *plan.args_fixed, sizes, 10, tokens.data_ptr(), batch, conv.data_ptr(), ssm.data_ptr(),
         new_conv.data_ptr(), new_ssm.data_ptr(), pos.data_ptr(), new_pos.data_ptr(), logits.data_ptr(),

@@ -268,6 +268,18 @@ static void gemv_rows(const mat_t *m, const float *x, int64_t ldx, int64_t B, fl
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 static inline float softplus(float v) { return v > 20.0f ? v : log1pf(expf(v)); }  /* torch's threshold 20 */
 
+static void silu_inplace(float *v, int64_t n) {
+    for (int64_t i = 0; i < n; i++) v[i] = v[i] / (1.0f + expf(-v[i]));
+}
+
+/* softplus written as max(x, 0) + log1p(exp(-|x|)): exact where torch's is, and vectorisable */
+static void softplus_inplace(float *v, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        const float x = v[i];
+        v[i] = (x > 20.0f) ? x : fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x)));
+    }
+}
+
 static void rmsnorm_row(const float *x, const float *w, float *out, int64_t n, float eps) {
     float ss = 0.0f;
     for (int64_t i = 0; i < n; i++) ss += x[i] * x[i];
@@ -292,8 +304,9 @@ static void conv_step(const float *xin, int64_t ldin, float *xout, int64_t ldout
             float *nw = nbuf + c * W;
             for (int64_t k = 0; k + 1 < W; k++) nw[k] = o[k + 1];
             if (W > 0) nw[W - 1] = v;
-            xout[b * ldout + c] = silu(acc);
+            xout[b * ldout + c] = acc;
         }
+        silu_inplace(xout + b * ldout + c0, c1 - c0);  /* a separate pass, so exp is vectorised */
     }
 }
 
@@ -381,20 +394,22 @@ static void step_job(void *vctx, int tid, int nth) {
             const float *Alog = (const float *)p[L_ALOG], *Dp = (const float *)p[L_D];
             const float *Wdt = (const float *)p[L_DT_W], *bdt = (const float *)p[L_DT_B];
             split(D, tid, nth, &lo, &hi);
-            for (int64_t d = lo; d < hi; d++) {
-                float *A = Abuf + d * N;
-                for (int64_t n = 0; n < N; n++) A[n] = -expf(Alog[d * N + n]);
-                for (int64_t b = 0; b < B; b++) {
-                    const float *dtv, *Bv, *Cv;
-                    if (lti) {
-                        dtv = (const float *)p[L_LTI_DT]; Bv = (const float *)p[L_LTI_B]; Cv = (const float *)p[L_LTI_C];
-                    } else {
-                        dtv = dbc + b * XR; Bv = dtv + R; Cv = Bv + N;
-                    }
+            /* whole-range passes (A, softplus, gate) keep exp vectorised; the per-channel loop does the rest */
+            for (int64_t i = lo * N; i < hi * N; i++) Abuf[i] = -expf(Alog[i]);
+            for (int64_t b = 0; b < B; b++) {
+                const float *dtv = lti ? (const float *)p[L_LTI_DT] : dbc + b * XR;
+                float *yb = ybuf + b * D;  /* holds delta until y replaces it */
+                for (int64_t d = lo; d < hi; d++) {
                     float acc = bdt ? bdt[d] : 0.0f;
                     for (int64_t r = 0; r < R; r++) acc += Wdt[d * R + r] * dtv[r];
-                    const float delta = softplus(acc), x = xc[b * CC + d], dx = delta * x;
-                    const float *ho = ssm_old + (b * D + d) * N;
+                    yb[d] = acc;
+                }
+                softplus_inplace(yb + lo, hi - lo);
+                const float *Bv = lti ? (const float *)p[L_LTI_B] : dtv + R;
+                const float *Cv = lti ? (const float *)p[L_LTI_C] : Bv + N;
+                for (int64_t d = lo; d < hi; d++) {
+                    const float delta = yb[d], x = xc[b * CC + d], dx = delta * x;
+                    const float *A = Abuf + d * N, *ho = ssm_old + (b * D + d) * N;
                     float *hn = ssm_new + (b * D + d) * N;
                     float y = 0.0f;
 #pragma GCC ivdep
@@ -403,9 +418,11 @@ static void step_job(void *vctx, int tid, int nth) {
                         hn[n] = h;
                         y += h * Cv[n];
                     }
-                    y += Dp[d] * x;
-                    ybuf[b * D + d] = y * silu(proj[b * IR + D + d]);
+                    yb[d] = y + Dp[d] * x;
                 }
+                float *zg = proj + b * IR + D;  /* z: silu(z) in place (z is not read again this step) */
+                silu_inplace(zg + lo, hi - lo);
+                for (int64_t d = lo; d < hi; d++) yb[d] *= zg[d];
             }
             barrier(nth, &sense);
         } else {
