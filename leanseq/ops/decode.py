@@ -188,16 +188,16 @@ class Plan:
         eps = {m.eps for m in [model.backbone.norm_f, *(b.norm for b in layers)]}
         embed = _need(model.backbone.embeddings.weight, (V, H), "backbone.embeddings.weight")
         head = _linear(model.lm_head, V, H, "lm_head")
-        g = dict(embed=embed, norm_f=_need(model.backbone.norm_f.weight, (H,), "backbone.norm_f.weight"),
-                 head_w=head[0], head_s=head[1], head_b=head[2])
+        g = {"embed": embed, "norm_f": _need(model.backbone.norm_f.weight, (H,), "backbone.norm_f.weight"),
+             "head_w": head[0], "head_s": head[1], "head_b": head[2]}
         slots += [ptr(g[name]) for name in _G]
         flags, dt_lo, dt_hi = 0, 0.0, 0.0
         if family == 1:
             D, N, R = cfg.intermediate_size, cfg.state_size, cfg.time_step_rank
             lti = not cfg.selective
             flags |= FLAG_LTI if lti else 0
-            sizes = dict(d_inner=D, n_state=N, rank=R, heads=1, head_dim=1, groups=1, conv_ch=D, in_rows=2 * D,
-                         xp_rows=0 if lti else R + 2 * N)
+            sizes = {"d_inner": D, "n_state": N, "rank": R, "heads": 1, "head_dim": 1, "groups": 1, "conv_ch": D,
+                     "in_rows": 2 * D, "xp_rows": 0 if lti else R + 2 * N}
         else:
             D, N, NH, P, G = cfg.intermediate_size, cfg.state_size, cfg.num_heads, cfg.head_dim, cfg.n_groups
             lo, hi = cfg.time_step_limit
@@ -205,8 +205,8 @@ class Plan:
                 flags, dt_lo = flags | FLAG_DTLO, lo
             if math.isfinite(hi):
                 flags, dt_hi = flags | FLAG_DTHI, hi
-            sizes = dict(d_inner=D, n_state=N, rank=0, heads=NH, head_dim=P, groups=G, conv_ch=cfg.conv_dim,
-                         in_rows=D + cfg.conv_dim + NH, xp_rows=0)
+            sizes = {"d_inner": D, "n_state": N, "rank": 0, "heads": NH, "head_dim": P, "groups": G,
+                     "conv_ch": cfg.conv_dim, "in_rows": D + cfg.conv_dim + NH, "xp_rows": 0}
         CC = sizes["conv_ch"]
         for i, block in enumerate(layers):
             m, name = block.mixer, f"backbone.layers.{i}.mixer"

@@ -20,9 +20,9 @@ pytestmark = pytest.mark.skipif(
     not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")), reason="no C compiler"
 )
 
-M1 = dict(vocab_size=37, hidden_size=24, num_hidden_layers=2, state_size=8, time_step_rank=3)
-M2 = dict(vocab_size=37, hidden_size=32, num_hidden_layers=2, state_size=8, num_heads=4, head_dim=16,
-          n_groups=1, chunk_size=8, tie_word_embeddings=False)
+M1 = {"vocab_size": 37, "hidden_size": 24, "num_hidden_layers": 2, "state_size": 8, "time_step_rank": 3}
+M2 = {"vocab_size": 37, "hidden_size": 32, "num_hidden_layers": 2, "state_size": 8, "num_heads": 4, "head_dim": 16,
+      "n_groups": 1, "chunk_size": 8, "tie_word_embeddings": False}
 CONFIGS = {
     "m1": (MambaLM, MambaConfig(**M1)),
     "m1-lti": (MambaLM, MambaConfig(**M1, selective=False)),
@@ -179,17 +179,14 @@ def test_sizes_are_checked_before_native_code():
     assert rc == 6
 
 
-def _induction_model_and_data():
-    model = leanseq.load(leanseq.__path__[0] + "/data/induction-mamba")
-    inputs, targets, mask = get_task("induction_heads", seq_len=128).generate(8, torch.Generator().manual_seed(0))
-    return model, inputs, targets, mask
-
-
 def test_int8_native_equals_int8_eager_and_stays_close_to_float32():
-    model, inputs, targets, mask = _induction_model_and_data()
+    """On the trained induction-heads demo model: int8 logits within 5% of the largest float32 logit and the
+    same greedy token in >= 97% of steps (the benchmark prints the measured figures)."""
+    model = leanseq.load(leanseq.__path__[0] + "/data/induction-mamba")
+    inputs = get_task("induction_heads", seq_len=64).generate(4, torch.Generator().manual_seed(0)).inputs
     q = quantize_int8(copy.deepcopy(model))
     assert isinstance(q.lm_head, Int8Linear) and q.backbone.embeddings.weight.dtype == torch.float32
-    prompt, rest = inputs[:, :96], inputs[:, 96:]
+    prompt, rest = inputs[:, :48], inputs[:, 48:]
     with torch.no_grad():
         _, sf = model(prompt, return_state=True)
         _, sq = q(prompt, return_state=True)
