@@ -27,6 +27,7 @@ from leanseq.models.base import LanguageModel
 from leanseq.models.config import ConfigBase, ConfigError
 from leanseq.models.layers import RMSNorm
 from leanseq.models.state import State
+from leanseq.ops import decode_transformer
 
 ROPE_MODEL_TYPE = "llama"
 ABSOLUTE_MODEL_TYPE = "leanseq_transformer"
@@ -423,10 +424,11 @@ class TransformerLM(LanguageModel):
         cfg = self.config
         if cfg.position_embedding == "absolute":
             capacity = min(capacity, cfg.max_position_embeddings)
-        device = self.lm_head.weight.device if device is None else device
+        like = self.model.embed_tokens.weight  # not lm_head: quantize_int8 may make it an Int8Linear
+        device = like.device if device is None else device
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, capacity, cfg.head_dim)
         # zeros, not empty: slots past a row's position are masked, and a masked NaN would still poison softmax
-        k = torch.zeros(shape, dtype=self.lm_head.weight.dtype, device=device)
+        k = torch.zeros(shape, dtype=like.dtype, device=device)
         return TransformerState(
             position=torch.zeros(batch_size, dtype=torch.long, device=device), k=k, v=torch.zeros_like(k)
         )
@@ -440,11 +442,12 @@ class TransformerLM(LanguageModel):
                 f"KV cache shape {tuple(state.k.shape)} does not fit this model "
                 f"(n_layers, B, n_kv_heads, capacity, head_dim) = {expected[:3] + ('*', expected[3])}"
             )
-        dtype = self.lm_head.weight.dtype
+        like = self.model.embed_tokens.weight  # not lm_head: quantize_int8 may make it an Int8Linear
+        dtype = like.dtype
         if state.k.dtype != dtype or state.v.dtype != dtype:
             raise TypeError(f"KV cache dtype {state.k.dtype} differs from the model's {dtype}; init a new state")
-        if state.k.device != self.lm_head.weight.device:
-            raise ValueError(f"KV cache is on {state.k.device} but the model is on {self.lm_head.weight.device}")
+        if state.k.device != like.device:
+            raise ValueError(f"KV cache is on {state.k.device} but the model is on {like.device}")
         if int(state.position.min()) < 0 or int(state.position.max()) > state.capacity:
             raise ValueError(f"state positions {state.position.tolist()} do not fit its capacity {state.capacity}")
 
@@ -496,8 +499,16 @@ class TransformerLM(LanguageModel):
         return logits, state
 
     def _step(self, token_ids: torch.Tensor, state: TransformerState):
+        # the compiled whole-step kernel when it applies (leanseq.ops.decode_transformer says when)
+        out = decode_transformer.try_step(self, token_ids, state)
+        if out is not None:
+            return out
         logits, state = self._forward(token_ids[:, None], state)
         return logits[:, 0], state
+
+    def invalidate_native(self) -> None:
+        """Drop the native decode plan; the next step rebuilds it (rarely needed, see leanseq.ops.decode)."""
+        decode_transformer.decode.invalidate(self)
 
 
 __all__ = ["TransformerConfig", "TransformerLM", "TransformerState"]

@@ -268,11 +268,12 @@ class Plan:
         return max(1, min(torch.get_num_threads(), int(work // 1_000_000)))
 
 
-def plan_for(model) -> Plan:
-    """The model's current plan, rebuilt when the model's modules or tensors changed since the last one."""
+def plan_for(model, plan_class=None) -> Plan:
+    """The model's current plan, rebuilt when the model's modules or tensors changed since the last one.
+    `plan_class` (a Plan subclass) builds plans for other model kinds (decode_transformer.TransformerPlan)."""
     plan = model.__dict__.get("_native_decode_plan")
     if plan is None or not plan.fresh():
-        plan = Plan(model)
+        plan = (plan_class or Plan)(model)
         model.__dict__["_native_decode_plan"] = plan
     return plan
 

@@ -18,6 +18,7 @@
  * implies and every token id against the vocabulary, and refuse (non-zero return) before touching memory.
  */
 #define _GNU_SOURCE
+#include <float.h>
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
@@ -540,6 +541,300 @@ int leanseq_gemv(const void *w, const float *scale, const float *x, float *y, in
     pthread_mutex_lock(&call_lock);
     gemv_ctx ctx = {{w, scale, NULL, rows, cols}, x, y, B, 0};
     run_job(gemv_job, &ctx, (int)nthreads);
+    pthread_mutex_unlock(&call_lock);
+    return 0;
+}
+
+/* ==== the transformer baseline (leanseq/models/transformer.py): one whole KV-cache decode step ============
+ *
+ * Same engine as the recurrent step above (pool, barriers, gemv on nn.Linear's layout, float32 or int8 rows),
+ * so Mamba vs transformer comparisons measure the architectures, not two code bases. Per layer:
+ *   RMSNorm -> q|k|v rows (split by output row) -> RoPE and the cache write at each row's own position (by
+ *   batch row) -> attention of one query per head over the row's valid prefix (split by (row, kv head, slot
+ *   chunk): the query heads of a group share each key/value row read; chunks keep both threads busy when a
+ *   batch has fewer kv heads than threads, and are merged with the usual max/sum rescaling) -> o_proj onto
+ *   the residual -> RMSNorm -> gate|up rows + SiLU product (split by intermediate row) -> down_proj onto the
+ *   residual; then the final norm and the LM head. The caller (decode_transformer.py) has already reserved
+ *   capacity and made the buffers writable, exactly as the eager step does; this code writes each row's new
+ *   key/value at slot pos[b] and reads slots [0, pos[b]] of that row.
+ */
+enum { TC_VERSION, TC_LAYERS, TC_HIDDEN, TC_VOCAB, TC_HEADS, TC_KVHEADS, TC_HEADDIM, TC_INTER, TC_ROPE, TC_MAXPOS,
+       TC_LEN };
+enum { TF_EPS, TF_LEN };
+enum { TG_EMBED, TG_POSEMB, TG_INVFREQ, TG_NORMF, TG_HEAD_W, TG_HEAD_S, TG_HEAD_B, TG_LEN };
+enum { TL_NORM1, TL_Q_W, TL_Q_S, TL_Q_B, TL_K_W, TL_K_S, TL_K_B, TL_V_W, TL_V_S, TL_V_B, TL_O_W, TL_O_S, TL_O_B,
+       TL_NORM2, TL_G_W, TL_G_S, TL_U_W, TL_U_S, TL_D_W, TL_D_S, TL_LEN };
+enum { TS_TOKENS, TS_KCACHE, TS_VCACHE, TS_POS, TS_LOGITS, TS_SCRATCH, TS_PTRS, TS_LEN };
+#define TF_PLAN_VERSION 1
+#define TF_MAXG 64     /* query heads per kv head: bounds the per-thread score tile on the stack */
+#define TF_TILE 64     /* cache slots per online-softmax tile */
+#define TF_MAXCHUNK 16 /* slot chunks per (row, kv head) */
+
+/* Chunks per (row, kv head): enough units for ~4 per thread, at most TF_MAXCHUNK (decode_transformer.py
+ * sizes the scratch with the same formula). */
+static int64_t tf_chunk_bound(int64_t B, int64_t KV, int64_t nth) {
+    const int64_t units = B * KV, want = (4 * nth + units - 1) / units;
+    return want < 1 ? 1 : (want > TF_MAXCHUNK ? TF_MAXCHUNK : want);
+}
+
+/* scratch (floats): resid, xn (B x H), qkv (B x (NH + 2 KV) hd), att (B x NH hd), gu (B x 2 I),
+ * rope cos|sin (B x hd), partials (B x NH x chunk_bound x (hd + 2)) */
+static int64_t tf_scratch_floats(const int64_t *cfg, int64_t B, int64_t nth) {
+    const int64_t H = cfg[TC_HIDDEN], NH = cfg[TC_HEADS], KV = cfg[TC_KVHEADS], hd = cfg[TC_HEADDIM];
+    return B * (2 * H + (NH + 2 * KV) * hd + NH * hd + 2 * cfg[TC_INTER] + hd)
+           + B * NH * tf_chunk_bound(B, KV, nth) * (hd + 2);
+}
+
+typedef struct {
+    const int64_t *cfg;
+    float eps;
+    void *const *ptrs;
+    const int64_t *tokens, *pos;
+    int64_t B, cap, nc;
+    float *kc, *vc, *logits, *scratch;
+    int sense0;
+} tf_ctx;
+
+/* q|k|v (or gate|up) as one row range over consecutive matrices whose outputs sit side by side in y */
+static void gemv_concat(const mat_t *ms, int nm, const float *x, int64_t ldx, int64_t B, float *y, int64_t ldy,
+                        int64_t lo, int64_t hi) {
+    int64_t off = 0;
+    for (int i = 0; i < nm; i++) {
+        const int64_t r0 = (lo > off ? lo : off) - off, r1 = (hi < off + ms[i].rows ? hi : off + ms[i].rows) - off;
+        if (r0 < r1) gemv_rows(&ms[i], x, ldx, B, y + off, ldy, r0, r1, 0);
+        off += ms[i].rows;
+    }
+}
+
+/* x (hd) rotated in place: pairs (i, i + hd/2) by the row's angles, as transformer.apply_rope */
+static inline void rope_inplace(float *x, const float *cs, const float *sn, int64_t half) {
+    for (int64_t i = 0; i < half; i++) {
+        const float a = x[i], b = x[i + half];
+        x[i] = a * cs[i] - b * sn[i];
+        x[i + half] = b * cs[i] + a * sn[i];
+    }
+}
+
+/* Attention of the G query heads q[0..G) (hd each, G*hd contiguous) over slots [s0, s1) of one (row, kv head):
+ * out + g * ostride = (m, l, acc[hd]) with m the running max score, l the sum of exp(score - m), acc the weighted values. */
+static void attend_chunk(const float *q, int64_t G, int64_t hd, const float *K, const float *V, int64_t s0,
+                         int64_t s1, float scale, float *out, int64_t ostride) {
+    float sc[TF_MAXG][TF_TILE];
+    for (int64_t g = 0; g < G; g++) {
+        float *o = out + g * ostride;
+        o[0] = -FLT_MAX;  /* not -INFINITY: -ffast-math assumes finite values; l == 0 marks "no slot yet" */
+        o[1] = 0.0f;
+        memset(o + 2, 0, sizeof(float) * (size_t)hd);
+    }
+    for (int64_t t0 = s0; t0 < s1; t0 += TF_TILE) {
+        const int64_t n = (s1 - t0 < TF_TILE) ? s1 - t0 : TF_TILE;
+        for (int64_t s = 0; s < n; s++) {
+            const float *kr = K + (t0 + s) * hd;
+            for (int64_t g = 0; g < G; g++) {
+                const float *qg = q + g * hd;
+                float acc = 0.0f;
+#pragma GCC ivdep
+                for (int64_t d = 0; d < hd; d++) acc += qg[d] * kr[d];
+                sc[g][s] = acc * scale;
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            float *o = out + g * ostride;
+            float mx = o[0];
+            for (int64_t s = 0; s < n; s++) mx = sc[g][s] > mx ? sc[g][s] : mx;
+            const float corr = (o[1] == 0.0f) ? 0.0f : expf(o[0] - mx);
+            float l = o[1] * corr;
+            for (int64_t s = 0; s < n; s++) {
+                sc[g][s] = expf(sc[g][s] - mx);
+                l += sc[g][s];
+            }
+            o[0] = mx;
+            o[1] = l;
+            if (corr != 1.0f)
+                for (int64_t d = 0; d < hd; d++) o[2 + d] *= corr;
+        }
+        for (int64_t s = 0; s < n; s++) {
+            const float *vr = V + (t0 + s) * hd;
+            for (int64_t g = 0; g < G; g++) {
+                float *acc = out + g * ostride + 2;
+                const float p = sc[g][s];
+#pragma GCC ivdep
+                for (int64_t d = 0; d < hd; d++) acc[d] += p * vr[d];
+            }
+        }
+    }
+}
+
+static void tf_step_job(void *vctx, int tid, int nth) {
+    const tf_ctx *c = (const tf_ctx *)vctx;
+    const int64_t *cfg = c->cfg;
+    const int64_t L = cfg[TC_LAYERS], H = cfg[TC_HIDDEN], V = cfg[TC_VOCAB], NH = cfg[TC_HEADS];
+    const int64_t KV = cfg[TC_KVHEADS], hd = cfg[TC_HEADDIM], I = cfg[TC_INTER], rope = cfg[TC_ROPE];
+    const int64_t B = c->B, cap = c->cap, NC = c->nc, G = NH / KV, half = hd / 2, QKV = (NH + 2 * KV) * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float *resid = c->scratch, *xn = resid + B * H, *qkv = xn + B * H, *att = qkv + B * QKV;
+    float *gu = att + B * NH * hd, *trig = gu + B * 2 * I, *part = trig + B * hd;
+    void *const *g = c->ptrs;
+    int sense = c->sense0;
+    int64_t lo, hi;
+
+    for (int64_t l = 0; l < L; l++) {
+        void *const *p = g + TG_LEN + l * TL_LEN;
+        float *kc = c->kc + l * B * KV * cap * hd, *vc = c->vc + l * B * KV * cap * hd;
+
+        /* 1. (first layer: token + position embedding, RoPE angles) RMSNorm, by batch row */
+        split(B, tid, nth, &lo, &hi);
+        for (int64_t b = lo; b < hi; b++) {
+            if (l == 0) {
+                memcpy(resid + b * H, (const float *)g[TG_EMBED] + c->tokens[b] * H, sizeof(float) * H);
+                if (rope) {  /* angle = float32(pos) * inv_freq in float32, as TransformerLM._rope */
+                    const float *inv = (const float *)g[TG_INVFREQ];
+                    for (int64_t i = 0; i < half; i++) {
+                        const float a = (float)c->pos[b] * inv[i];
+                        trig[b * hd + i] = cosf(a);
+                        trig[b * hd + half + i] = sinf(a);
+                    }
+                } else {
+                    const float *pe = (const float *)g[TG_POSEMB] + c->pos[b] * H;
+                    for (int64_t i = 0; i < H; i++) resid[b * H + i] += pe[i];
+                }
+            }
+            rmsnorm_row(resid + b * H, (const float *)p[TL_NORM1], xn + b * H, H, c->eps);
+        }
+        barrier(nth, &sense);
+
+        /* 2. q | k | v, split by output row */
+        const mat_t qkvm[3] = {mat(p, TL_Q_W, TL_Q_S, TL_Q_B, NH * hd, H), mat(p, TL_K_W, TL_K_S, TL_K_B, KV * hd, H),
+                               mat(p, TL_V_W, TL_V_S, TL_V_B, KV * hd, H)};
+        split(QKV, tid, nth, &lo, &hi);
+        gemv_concat(qkvm, 3, xn, H, B, qkv, QKV, lo, hi);
+        barrier(nth, &sense);
+
+        /* 3. RoPE on q and k, then the new key/value into slot pos[b] of the row's cache, by batch row */
+        split(B, tid, nth, &lo, &hi);
+        for (int64_t b = lo; b < hi; b++) {
+            float *qb = qkv + b * QKV, *kb = qb + NH * hd, *vb = kb + KV * hd;
+            if (rope)
+                for (int64_t h = 0; h < NH + KV; h++) rope_inplace(qb + h * hd, trig + b * hd, trig + b * hd + half, half);
+            for (int64_t j = 0; j < KV; j++) {
+                const int64_t at = ((b * KV + j) * cap + c->pos[b]) * hd;
+                memcpy(kc + at, kb + j * hd, sizeof(float) * hd);
+                memcpy(vc + at, vb + j * hd, sizeof(float) * hd);
+            }
+        }
+        barrier(nth, &sense);
+
+        /* 4. attention over slots [0, pos[b]], by (row, kv head, chunk); with one chunk, normalise right away */
+        split(B * KV * NC, tid, nth, &lo, &hi);
+        for (int64_t u = lo; u < hi; u++) {
+            const int64_t b = u / (KV * NC), j = (u / NC) % KV, ch = u % NC, len = c->pos[b] + 1;
+            const int64_t base = (b * KV + j) * cap * hd;
+            /* head h's chunk ch sits at part[((b * NH + h) * NC + ch) * (hd + 2)] */
+            float *o = part + ((b * NH + j * G) * NC + ch) * (hd + 2);
+            attend_chunk(qkv + b * QKV + j * G * hd, G, hd, kc + base, vc + base, len * ch / NC,
+                         len * (ch + 1) / NC, scale, o, NC * (hd + 2));
+            if (NC == 1)
+                for (int64_t gi = 0; gi < G; gi++) {
+                    const float *og = o + gi * (hd + 2), inv = 1.0f / og[1];
+                    float *y = att + b * NH * hd + (j * G + gi) * hd;
+                    for (int64_t d = 0; d < hd; d++) y[d] = og[2 + d] * inv;
+                }
+        }
+        barrier(nth, &sense);
+        if (NC > 1) {  /* 5. merge the chunks of each (row, head) */
+            split(B * NH, tid, nth, &lo, &hi);
+            for (int64_t u = lo; u < hi; u++) {
+                const float *pc = part + u * NC * (hd + 2);
+                float mx = -FLT_MAX, den = 0.0f;
+                for (int64_t ch = 0; ch < NC; ch++)
+                    if (pc[ch * (hd + 2) + 1] > 0.0f && pc[ch * (hd + 2)] > mx) mx = pc[ch * (hd + 2)];
+                float *y = att + u * hd;
+                for (int64_t d = 0; d < hd; d++) y[d] = 0.0f;
+                for (int64_t ch = 0; ch < NC; ch++) {
+                    const float *o = pc + ch * (hd + 2);
+                    if (o[1] == 0.0f) continue;  /* an empty chunk (a short row) */
+                    const float w = expf(o[0] - mx);
+                    den += o[1] * w;
+                    for (int64_t d = 0; d < hd; d++) y[d] += o[2 + d] * w;
+                }
+                const float inv = 1.0f / den;
+                for (int64_t d = 0; d < hd; d++) y[d] *= inv;
+            }
+            barrier(nth, &sense);
+        }
+
+        /* 6. o_proj onto the residual stream, by output row */
+        const mat_t om = mat(p, TL_O_W, TL_O_S, TL_O_B, H, NH * hd);
+        split(H, tid, nth, &lo, &hi);
+        gemv_rows(&om, att, NH * hd, B, resid, H, lo, hi, 1);
+        barrier(nth, &sense);
+
+        /* 7. RMSNorm, by batch row */
+        split(B, tid, nth, &lo, &hi);
+        for (int64_t b = lo; b < hi; b++) rmsnorm_row(resid + b * H, (const float *)p[TL_NORM2], xn + b * H, H, c->eps);
+        barrier(nth, &sense);
+
+        /* 8. gate and up for the same intermediate rows, then silu(gate) * up in place of gate */
+        const mat_t gm = mat(p, TL_G_W, TL_G_S, -1, I, H), um = mat(p, TL_U_W, TL_U_S, -1, I, H);
+        split(I, tid, nth, &lo, &hi);
+        if (lo < hi) {
+            gemv_rows(&gm, xn, H, B, gu, 2 * I, lo, hi, 0);
+            gemv_rows(&um, xn, H, B, gu + I, 2 * I, lo, hi, 0);
+            for (int64_t b = 0; b < B; b++) {
+                float *gr = gu + b * 2 * I;
+                silu_inplace(gr + lo, hi - lo);
+                for (int64_t i = lo; i < hi; i++) gr[i] *= gr[I + i];
+            }
+        }
+        barrier(nth, &sense);
+
+        /* 9. down_proj onto the residual stream, by output row */
+        const mat_t dm = mat(p, TL_D_W, TL_D_S, -1, H, I);
+        split(H, tid, nth, &lo, &hi);
+        gemv_rows(&dm, gu, 2 * I, B, resid, H, lo, hi, 1);
+        barrier(nth, &sense);
+    }
+
+    split(B, tid, nth, &lo, &hi);
+    for (int64_t b = lo; b < hi; b++) rmsnorm_row(resid + b * H, (const float *)g[TG_NORMF], xn + b * H, H, c->eps);
+    barrier(nth, &sense);
+    const mat_t head = mat(g, TG_HEAD_W, TG_HEAD_S, TG_HEAD_B, V, H);
+    split(V, tid, nth, &lo, &hi);
+    gemv_rows(&head, xn, H, B, c->logits, V, lo, hi, 0);
+}
+
+/* Returns 0 on success; 1..: a check failed and nothing was written (decode_transformer.py names the codes). */
+int leanseq_tf_decode_step(const int64_t *cfg, int64_t cfg_len, const double *fp, int64_t fp_len, void *const *ptrs,
+                           const int64_t *sizes, int64_t sizes_len, const int64_t *tokens, int64_t B, float *kcache,
+                           float *vcache, int64_t cap, const int64_t *pos, float *logits, float *scratch,
+                           int64_t nthreads) {
+    if (cfg_len != TC_LEN || fp_len != TF_LEN || sizes_len != TS_LEN || cfg[TC_VERSION] != TF_PLAN_VERSION) return 1;
+    for (int i = TC_LAYERS; i < TC_LEN; i++)
+        if (cfg[i] < (i == TC_ROPE ? 0 : 1)) return 3;
+    const int64_t L = cfg[TC_LAYERS], V = cfg[TC_VOCAB], NH = cfg[TC_HEADS], KV = cfg[TC_KVHEADS];
+    const int64_t hd = cfg[TC_HEADDIM];
+    if (NH % KV || NH / KV > TF_MAXG || (cfg[TC_ROPE] && hd % 2)) return 4;
+    if (B < 1 || cap < 1 || sizes[TS_TOKENS] != B || sizes[TS_POS] != B) return 5;
+    if (sizes[TS_KCACHE] != L * B * KV * cap * hd || sizes[TS_VCACHE] != sizes[TS_KCACHE]) return 6;
+    for (int64_t b = 0; b < B; b++)  /* the new entry goes to slot pos[b]: it must exist (and have an embedding) */
+        if (pos[b] < 0 || pos[b] >= cap || (!cfg[TC_ROPE] && pos[b] >= cfg[TC_MAXPOS])) return 7;
+    if (sizes[TS_LOGITS] != B * V) return 8;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+    if (sizes[TS_SCRATCH] < tf_scratch_floats(cfg, B, nthreads)) return 9;
+    if (sizes[TS_PTRS] != TG_LEN + L * TL_LEN) return 10;
+    for (int64_t b = 0; b < B; b++)
+        if (tokens[b] < 0 || tokens[b] >= V) return 11;
+    int64_t maxlen = 0;
+    for (int64_t b = 0; b < B; b++) maxlen = pos[b] + 1 > maxlen ? pos[b] + 1 : maxlen;
+    /* chunks only pay when a chunk still holds a few tiles of slots */
+    int64_t nc = tf_chunk_bound(B, KV, nthreads), by_len = (maxlen + 4 * TF_TILE - 1) / (4 * TF_TILE);
+    if (nc > by_len) nc = by_len;
+    if (nc < 1) nc = 1;
+    pthread_mutex_lock(&call_lock);
+    tf_ctx ctx = {cfg, (float)fp[TF_EPS], ptrs, tokens, pos, B, cap, nc, kcache, vcache, logits, scratch,
+                  atomic_load(&bar_sense)};
+    run_job(tf_step_job, &ctx, (int)nthreads);
     pthread_mutex_unlock(&call_lock);
     return 0;
 }
