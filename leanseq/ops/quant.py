@@ -1,12 +1,14 @@
 """Int8 weight-only quantisation for decode and prefill.
 
-`quantize_int8(model)` replaces the large Linear layers (every mixer's in_proj and out_proj, and the LM head;
-x_proj too with `include_small=True`) by `Int8Linear`: int8 weights (out, in) with one float32 scale per
+`quantize_int8(model)` replaces the large Linear layers (Mamba: every mixer's in_proj and out_proj, x_proj too
+with `include_small=True`; the transformer: every q/k/v/o and gate/up/down projection; and the LM head) by
+`Int8Linear`: int8 weights (out, in) with one float32 scale per
 output row (symmetric, scale = max|w| / 127). Everything else stays float32: embeddings, norms, the conv,
-A_log, D, dt_proj / dt_bias, and the recurrent state. The model keeps the whole contract (forward, step,
+A_log, D, dt_proj / dt_bias, and the recurrent state or KV cache. The model keeps the whole contract (forward, step,
 generate, Session, SessionPool):
 
-- decode: the native step (leanseq.ops.decode) reads one byte per weight and widens it in registers;
+- decode: the native step (leanseq.ops.decode, decode_transformer) reads one byte per weight and widens it
+  in registers;
 - prefill and the eager step: `torch._weight_int8pack_mm` (a fused int8-weight matmul in this torch), or,
   where it is missing or the input is not float32 on the CPU, a dequantised float matmul.
 
@@ -70,18 +72,24 @@ def _refuse_save(*args, **kwargs):
 
 @torch.no_grad()
 def quantize_int8(model: nn.Module, include_small: bool = False) -> nn.Module:
-    """Quantise `model` (a float32 Mamba-1 or Mamba-2 language model) in place and return it."""
-    if not hasattr(model, "backbone") or not hasattr(model, "lm_head"):
-        raise TypeError(f"quantize_int8 supports leanseq Mamba / Mamba-2 models, got {type(model).__name__}")
+    """Quantise `model` (a float32 Mamba-1, Mamba-2 or transformer language model) in place and return it."""
+    if hasattr(model, "backbone") and hasattr(model, "lm_head"):  # Mamba-1 / Mamba-2
+        names = ["in_proj", "out_proj"] + (["x_proj"] if include_small else [])
+        targets = [(block.mixer, names) for block in model.backbone.layers]
+    elif hasattr(model, "model") and hasattr(model.model, "layers") and hasattr(model, "lm_head"):  # TransformerLM
+        targets = [t for block in model.model.layers for t in (
+            (block.self_attn, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+            (block.mlp, ["gate_proj", "up_proj", "down_proj"]))]
+    else:
+        raise TypeError(f"quantize_int8 supports leanseq Mamba / Mamba-2 / transformer models, got {type(model).__name__}")
     for name, p in model.named_parameters():
         if p.dtype != torch.float32:
             raise TypeError(f"quantize_int8 wants a float32 model; {name} is {p.dtype}")
-    names = ["in_proj", "out_proj"] + (["x_proj"] if include_small else [])
-    for block in model.backbone.layers:
+    for module, names in targets:
         for n in names:
-            lin = getattr(block.mixer, n, None)
+            lin = getattr(module, n, None)
             if isinstance(lin, nn.Linear):
-                setattr(block.mixer, n, Int8Linear.from_float(lin.weight, lin.bias))
+                setattr(module, n, Int8Linear.from_float(lin.weight, lin.bias))
     head = model.lm_head
     if isinstance(head, nn.Linear):
         model.lm_head = Int8Linear.from_float(head.weight, head.bias)
