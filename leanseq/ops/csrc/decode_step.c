@@ -208,6 +208,34 @@ static inline __attribute__((always_inline)) void block4(const void *const *wr, 
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < nb; j++) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
 }
+/* Batch 1: one row at a time, with independent accumulators along k (UNR vectors per iteration). Measured on
+ * this Zen 4 (1 thread, weights streamed from memory, CPU time): float32 13.5 -> 16-18 GB/s against a 17-19
+ * GB/s W.sum() probe with 8 accumulators; int8 7 -> 15-19 GB/s with 2 (more make it slower). Weights are then
+ * read as one purely sequential stream, which the hardware prefetcher follows best; 4-row blocks (4 streams)
+ * and software prefetch both measured slower. */
+static inline __attribute__((always_inline)) float dot_row(const void *w, int int8, const float *x, int64_t K) {
+    enum { UF = 8, UQ = 2 };
+    __m512 acc[UF];
+    for (int u = 0; u < UF; u++) acc[u] = _mm512_setzero_ps();
+    int64_t k = 0;
+    if (int8) {
+        for (; k + 16 * UQ <= K; k += 16 * UQ)
+            for (int u = 0; u < UQ; u++)
+                acc[u] = _mm512_fmadd_ps(load_w_full(w, 1, k + 16 * u), _mm512_loadu_ps(x + k + 16 * u), acc[u]);
+    } else {
+        for (; k + 16 * UF <= K; k += 16 * UF)
+            for (int u = 0; u < UF; u++)
+                acc[u] = _mm512_fmadd_ps(load_w_full(w, 0, k + 16 * u), _mm512_loadu_ps(x + k + 16 * u), acc[u]);
+    }
+    for (; k + 16 <= K; k += 16) acc[0] = _mm512_fmadd_ps(load_w_full(w, int8, k), _mm512_loadu_ps(x + k), acc[0]);
+    if (k < K) {
+        const __mmask16 m = (__mmask16)((1u << (K - k)) - 1u);
+        acc[1] = _mm512_fmadd_ps(load_w(w, int8, k, m), _mm512_maskz_loadu_ps(m, x + k), acc[1]);
+    }
+    for (int u = 1; u < UF; u++) acc[0] = _mm512_add_ps(acc[0], acc[u]);
+    return _mm512_reduce_add_ps(acc[0]);
+}
+#define HAVE_DOT_ROW 1
 #define BLOCK_CASES(INT8)                                                  \
     switch (nb) {                                                          \
     case 1: block4(wr, INT8, xb, 1, K, out); break;                        \
@@ -238,6 +266,17 @@ static void gemv_rows(const mat_t *m, const float *x, int64_t ldx, int64_t B, fl
     const int64_t K = m->cols;
     const int int8 = m->scale != NULL;
     const size_t esz = int8 ? 1 : sizeof(float);
+#ifdef HAVE_DOT_ROW
+    if (B == 1) {
+        for (int64_t r = r0; r < r1; r++) {
+            const void *wr = (const char *)m->w + (size_t)r * (size_t)K * esz;
+            const float d = int8 ? dot_row(wr, 1, x, K) * m->scale[r] : dot_row(wr, 0, x, K);
+            const float v = d + (m->bias ? m->bias[r] : 0.0f);
+            y[r] = accumulate ? y[r] + v : v;
+        }
+        return;
+    }
+#endif
     for (int64_t bt = 0; bt < B; bt += BTILE) {
         const int64_t bend = (bt + BTILE < B) ? bt + BTILE : B;
         for (int64_t r = r0; r < r1; r += 4) {
