@@ -352,7 +352,8 @@ def make_checkpoint(family: str, shape: str, folder: Path) -> Path:
 def convert(cache: Path, ckpt: Path, folder: Path, quants: list[str]) -> dict[str, Path]:
     src = llama_src(cache)
     f32 = folder / f"{ckpt.name}-f32.gguf"
-    cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(ckpt), "--outfile", str(f32), "--outtype", "f32"]
+    cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(ckpt), "--outfile", str(f32),
+           "--outtype", "f32"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=converter_env(cache), check=False)
     if proc.returncode != 0:
         sys.exit(f"convert_hf_to_gguf.py failed on {ckpt}:\n{proc.stderr[-4000:]}")
@@ -383,8 +384,8 @@ def _last_position_head(head):
         def weight(self):
             return self.inner.weight
 
-        def forward(self, x):
-            return self.inner(x[:, -1:])
+        def forward(self, x):  # (B, L, D) in a forward -> (B, 1, V); a step's (B, D) passes through
+            return self.inner(x[:, -1:] if x.dim() == 3 else x)
 
     return LastPosition(head)
 
@@ -524,8 +525,8 @@ def logits_check(cache: Path, ckpt: Path, ggufs: dict[str, Path], args) -> dict:
     result = {"prompt": prompt, "leanseq_tokens": ours["tokens"], "quants": {}}
     for q, path in ggufs.items():
         out_file = ckpt / f"llamacpp-{q}-last-logits.f32"
-        cmd = [str(binaries(cache)["logits"]), str(path), str(args.threads), str(CHECK_NEW_TOKENS), str(out_file),
-               prompt]
+        cmd = [str(binaries(cache)["logits"]), str(path), str(args.threads), str(CHECK_NEW_TOKENS),
+               str(out_file), prompt]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             sys.exit(f"leanseq-logits failed on {path}:\n{proc.stderr[-3000:]}")
@@ -656,18 +657,18 @@ def main(argv=None) -> int:
                 chk = logits_check(cache, ckpt, ggufs, args)
                 checks[f"{shape}/{family}"] = chk
                 f32 = chk["quants"]["f32"]
-                others = "".join(f"; {q}: max |diff| {r['max_abs_diff']:.2e}, tokens identical {r['same_tokens']}"
-                                 for q, r in chk["quants"].items() if q != "f32")
+                others = "".join(f"; {q}: max |diff| {c['max_abs_diff']:.2e}, tokens identical "
+                                 f"{c['same_tokens']}" for q, c in chk["quants"].items() if q != "f32")
                 print(f"[{shape} {family}] logits check f32: max |diff| {f32['max_abs_diff']:.2e} "
                       f"(max |logit| {f32['max_abs_logit']:.2e}), {CHECK_NEW_TOKENS} greedy tokens "
-                      f"identical: {f32['same_tokens']}, vocab {f32['n_vocab']} / {f32['leanseq_vocab']}{others}",
-                      flush=True)
+                      f"identical: {f32['same_tokens']}, vocab {f32['n_vocab']} / {f32['leanseq_vocab']}"
+                      f"{others}", flush=True)
                 if not chk["passed"]:
                     sys.exit(f"[{shape} {family}] the f32 GGUF does not reproduce leanseq's logits/tokens "
                              f"(atol {args.logits_atol}): refusing to compare speeds\n"
                              f"{json.dumps(chk)[:2000]}")
-                meta_rows[key(shape, family)] = {"config": SHAPES[shape][family],
-                                                 "gguf_bytes": {q: p.stat().st_size for q, p in ggufs.items()}}
+                sizes = {q: path.stat().st_size for q, path in ggufs.items()}
+                meta_rows[key(shape, family)] = {"config": SHAPES[shape][family], "gguf_bytes": sizes}
                 setups.append((shape, family, ckpt, ggufs))
 
         for r in range(args.rounds):
@@ -682,18 +683,20 @@ def main(argv=None) -> int:
                 if r % 2:
                     sides.reverse()
                 for side in sides:
-                    got = measure_side(cache, side, shape, family, ckpt, ggufs, depth, args, meta_rows[key(shape,
-                                                                                                           family)])
+                    meta = meta_rows[key(shape, family)]
+                    got = measure_side(cache, side, shape, family, ckpt, ggufs, depth, args, meta)
+                    parts = []
                     for test, v in got.items():
                         for value in v["tokens_per_s"]:
                             add(shape, family, side, test, value, v["other_cores"])
-                    print(f"[round {r + 1}/{args.rounds}] {shape} {family:<6} {side:<15} " + ", ".join(
-                        f"{t} {v['tokens_per_s'][0]:.1f} tok/s" + (
-                            "" if keep_sample(v["other_cores"], args.max_other_cpu)
-                            else f" (dropped: others used {v['other_cores']:.2f} cores)") for t, v in got.items()),
-                        flush=True)
+                        kept = keep_sample(v["other_cores"], args.max_other_cpu)
+                        parts.append(f"{test} {v['tokens_per_s'][0]:.1f} tok/s (others "
+                                     f"{v['other_cores']:.2f} cores{'' if kept else ': dropped'})")
+                    print(f"[round {r + 1}/{args.rounds}] {shape} {family:<6} {side:<15} " + ", ".join(parts),
+                          flush=True)
 
-    report = build_report(args, argv, started, shapes, families, quants, samples, meta_rows, checks, bandwidth)
+    report = build_report(args, argv, started, shapes, families, quants, samples, meta_rows, checks,
+                          bandwidth)
     print("\n" + report["markdown"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -722,7 +725,8 @@ def decode_bytes_per_token(side: str, test: str, meta: dict, family: str) -> int
     return weights
 
 
-def build_report(args, argv, started, shapes, families, quants, samples, meta_rows, checks, bandwidth) -> dict:
+def build_report(args, argv, started, shapes, families, quants, samples, meta_rows, checks,
+                 bandwidth) -> dict:
     sides = ["leanseq"] + [f"llama.cpp {q}" for q in quants]
     bw_stat = summarize([b["gb_per_s"] for b in bandwidth if b["kept"]])
     total = sum(len(v) for v in samples.values()) + len(bandwidth)
@@ -734,19 +738,20 @@ def build_report(args, argv, started, shapes, families, quants, samples, meta_ro
         "# leanseq vs llama.cpp (llama-bench), same random weights",
         "",
         f"- command: `{command}`",
-        (f"- date: {started.strftime('%Y-%m-%d %H:%M UTC')}; machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, "
-        f"{info['memory_gib']} GiB, AVX-512 {info['avx512f']}, VNNI {info['avx512_vnni']}; torch {info['torch']}; "
-        f"llama.cpp from llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} (build {commit}), Release, GGML_NATIVE=ON"),
-        (f"- threads: {args.threads} each (torch.set_num_threads / llama-bench -t); rounds: {args.rounds}, sides "
-        "alternating, order flipped every round, a fresh process per measurement"),
-        (f"- contention filter: a sample is dropped when other processes used more than {args.max_other_cpu:.2f} "
-        f"cores meanwhile (/proc/stat busy minus our process; llama-bench: over its whole process); "
-        f"dropped {dropped} of {total} samples"),
+        (f"- date: {started.strftime('%Y-%m-%d %H:%M UTC')}; machine: {info['cpu']}, "
+         f"{info['logical_cpus']} logical CPUs, {info['memory_gib']} GiB, AVX-512 {info['avx512f']}, "
+         f"VNNI {info['avx512_vnni']}; torch {info['torch']}; llama.cpp from llama-cpp-python "
+         f"{LLAMA_CPP_PYTHON_VERSION} (build {commit}), Release, GGML_NATIVE=ON"),
+        (f"- threads: {args.threads} each (torch.set_num_threads / llama-bench -t); rounds: {args.rounds}, "
+         "sides alternating, order flipped every round, a fresh process per measurement"),
+        (f"- contention filter: a sample is dropped when other processes used more than "
+         f"{args.max_other_cpu:.2f} cores meanwhile (/proc/stat busy minus our process; llama-bench: over "
+         f"its whole process); dropped {dropped} of {total} samples"),
         (f"- memory bandwidth (float32 matrix-vector product, {args.bandwidth_mib} MiB matrix, best of 10, "
-        f"per round): {fmt_stat(bw_stat)} GB/s"),
-        ("- pp = prefill tokens/s, last logit only (as llama-bench); tg = decode tokens/s of single-token steps; "
-        "@d4096 = after 4096 tokens in the KV cache. Cells: median [min–max] over kept samples; "
-        "(x) = leanseq / that column"),
+         f"per round): {fmt_stat(bw_stat)} GB/s"),
+        ("- pp = prefill tokens/s, last logit only (as llama-bench); tg = decode tokens/s of single-token "
+         "steps; @dN = after N tokens in the KV cache. Cells: median [min–max] over kept samples; "
+         "(x) = leanseq / that column"),
         "",
     ]
     js_rows = []
@@ -759,7 +764,8 @@ def build_report(args, argv, started, shapes, families, quants, samples, meta_ro
             chk = checks[key]["quants"]["f32"]
             lines.append(f"## {FAMILY_NAMES[family]}, {shape} shape")
             lines.append("")
-            lines.append(f"Logits check (f32 GGUF vs leanseq, {CHECK_PROMPT_LEN}-token prompt): max |diff| of the "
+            lines.append(f"Logits check (f32 GGUF vs leanseq, {CHECK_PROMPT_LEN}-token prompt): max |diff| "
+                         "of the "
                          f"last logits {chk['max_abs_diff']:.2e} (max |logit| {chk['max_abs_logit']:.2e}); "
                          f"{CHECK_NEW_TOKENS} greedy tokens identical: {chk['same_tokens']}. "
                          f"leanseq prefill: {meta.get('last_logit_method', '?')}.")
@@ -794,9 +800,11 @@ def build_report(args, argv, started, shapes, families, quants, samples, meta_ro
                                 "fraction": nbytes * stats[side]["median"] / (bw_stat["median"] * 1e9)}
                 js_rows.append(row)
             lines.append("")
-            bw_rows = [r for r in js_rows if r["shape"] == shape and r["family"] == family and r.get("bandwidth_fraction")]
+            bw_rows = [r for r in js_rows
+                       if r["shape"] == shape and r["family"] == family and r.get("bandwidth_fraction")]
             if bw_rows:
-                lines.append("Decode: bytes read per token (weights, + KV cache at depth) x tokens/s, as a fraction "
+                lines.append("Decode: bytes read per token (weights, + KV cache at depth) x tokens/s, as a "
+                             "fraction "
                              "of the measured bandwidth:")
                 lines.append("")
                 lines.append("| test | " + " | ".join(sides) + " |")
@@ -805,12 +813,14 @@ def build_report(args, argv, started, shapes, families, quants, samples, meta_ro
                     cells = []
                     for side in sides:
                         f = r["bandwidth_fraction"].get(side)
-                        cells.append(f"{f['fraction'] * 100:.0f}% of {f['bytes_per_token'] / 2**20:.0f} MiB" if f else "—")
+                        cells.append(f"{f['fraction'] * 100:.0f}% of {f['bytes_per_token'] / 2**20:.0f} MiB"
+                                     if f else "—")
                     lines.append(f"| {r['test']} | " + " | ".join(cells) + " |")
                 lines.append("")
     markdown = "\n".join(lines)
     js = {"meta": {"command": command, "date": started.isoformat(), "machine": info, "threads": args.threads,
-                   "rounds": args.rounds, "max_other_cpu": args.max_other_cpu, "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
+                   "rounds": args.rounds, "max_other_cpu": args.max_other_cpu,
+                   "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
                    "dropped_samples": dropped, "total_samples": total},
           "bandwidth": {"samples": bandwidth, "stats": bw_stat}, "checks": checks, "setups": meta_rows,
           "rows": js_rows}
