@@ -251,7 +251,10 @@ def build_llamacpp(cache: Path, sdist: str | None, jobs: int) -> None:
         print(f"[build] unpacking {tarball}", flush=True)
         (cache / "src").mkdir(parents=True, exist_ok=True)
         with tarfile.open(tarball) as tf:
-            tf.extractall(cache / "src", filter="data")
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4: refuse unsafe members
+                tf.extractall(cache / "src", filter="data")
+            else:
+                tf.extractall(cache / "src")
     build = cache / "build"
     t0 = time.perf_counter()
     if not (build / "build.ninja").is_file():
