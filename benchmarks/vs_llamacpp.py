@@ -517,10 +517,9 @@ def run_llama_bench(cache: Path, gguf: Path, args, depth: int) -> list[dict]:
     return rows
 
 
-def logits_check(cache: Path, ckpt: Path, ggufs: dict[str, Path], args) -> dict:
+def logits_check(cache: Path, ckpt: Path, ggufs: dict[str, Path], vocab: int, args) -> dict:
     import numpy as np
 
-    vocab = SHAPES[args.shape_now][args.family_now]["vocab_size"]
     rng = np.random.default_rng(2)
     prompt = ",".join(str(int(x)) for x in rng.integers(0, vocab, CHECK_PROMPT_LEN))
     ours = run_worker("check", ckpt, args, extra=prompt)
@@ -656,8 +655,7 @@ def main(argv=None) -> int:
                       flush=True)
                 ckpt = make_checkpoint(family, shape, Path(tmp))
                 ggufs = convert(cache, ckpt, Path(tmp), quants)
-                args.shape_now, args.family_now = shape, family
-                chk = logits_check(cache, ckpt, ggufs, args)
+                chk = logits_check(cache, ckpt, ggufs, SHAPES[shape][family]["vocab_size"], args)
                 checks[f"{shape}/{family}"] = chk
                 f32 = chk["quants"]["f32"]
                 others = "".join(f"; {q}: max |diff| {c['max_abs_diff']:.2e}, tokens identical "
