@@ -175,6 +175,8 @@ def is_built(cache: Path) -> bool:
 LOGITS_C = r"""
 /* leanseq-logits: last-position logits of a prompt and greedy tokens after it, through libllama's C API.
    usage: leanseq-logits MODEL.gguf THREADS N_NEW LOGITS_OUT.f32 ID,ID,...
+   KV cache f32 and flash attention off (llama-bench's defaults: f16, auto): this checks the conversion,
+   not those settings (with them, a tiny Llama's logits differ by ~2e-4 instead of ~2e-7).
    writes the prompt's last-position logits (float32, n_vocab values) to LOGITS_OUT and prints
    {"n_vocab": V, "tokens": [...]} with N_NEW greedy (argmax, first index on ties) tokens. */
 #include <stdio.h>
@@ -202,6 +204,8 @@ int main(int argc, char ** argv) {
     struct llama_context_params cp = llama_context_default_params();
     cp.n_ctx = n + n_new + 16; cp.n_batch = n; cp.n_ubatch = n;
     cp.n_threads = threads; cp.n_threads_batch = threads;
+    cp.type_k = GGML_TYPE_F32; cp.type_v = GGML_TYPE_F32;  /* f32 throughout: this checks the conversion */
+    cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
     struct llama_context * ctx = llama_init_from_model(model, cp);
     if (!ctx) { fprintf(stderr, "cannot create a context\n"); return 1; }
     int n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
@@ -484,9 +488,10 @@ def bandwidth_worker(mib: int) -> dict:
             "other_cores": c.cores(cpu1 - cpu0)}
 
 
-def run_worker(task: str, ckpt: Path | str, args, extra: str = "", depth: int = 0) -> dict:
+def run_worker(task: str, ckpt: Path | str, args, extra: str = "", depth: int = 0,
+               n_gen: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", task, "--ckpt", str(ckpt), "--threads", str(args.threads),
-           "--n-prompt", str(args.n_prompt), "--n-gen", str(args.n_gen), "--depth", str(depth),
+           "--n-prompt", str(args.n_prompt), "--n-gen", str(n_gen or args.n_gen), "--depth", str(depth),
            "--worker-extra", extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
                           env=dict(os.environ, PYTHONWARNINGS="ignore"))
@@ -522,7 +527,7 @@ def logits_check(cache: Path, ckpt: Path, ggufs: dict[str, Path], vocab: int, ar
 
     rng = np.random.default_rng(2)
     prompt = ",".join(str(int(x)) for x in rng.integers(0, vocab, CHECK_PROMPT_LEN))
-    ours = run_worker("check", ckpt, args, extra=prompt)
+    ours = run_worker("check", ckpt, args, extra=prompt, n_gen=CHECK_NEW_TOKENS)
     ref = np.fromfile(ours["logits_path"], dtype=np.float32)
     result = {"prompt": prompt, "leanseq_tokens": ours["tokens"], "quants": {}}
     for q, path in ggufs.items():
