@@ -7,7 +7,7 @@
 llama.cpp is an optional benchmark dependency, never part of `make test`. `--build` unpacks the
 llama-cpp-python 0.3.36 sdist (it vendors llama.cpp; found in --sdist, the cache, or fetched with
 `pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`) and builds llama-bench,
-llama-quantize and a 60-line logits printer of ours against libllama (Release, GGML_NATIVE=ON) into
+llama-quantize and a small logits printer of ours (C, below) against libllama (Release, GGML_NATIVE=ON) into
 $LEANSEQ_CACHE/llamacpp-0.3.36 (default ~/.cache/leanseq/llamacpp-0.3.36), where later runs find it.
 
 For each family, transformers writes one seeded random checkpoint (MambaForCausalLM, Mamba2ForCausalLM,
@@ -268,7 +268,7 @@ def build_llamacpp(cache: Path, sdist: str | None, jobs: int) -> None:
                         "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_TESTS=OFF",
                         "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
                         "-DLLAMA_OPENSSL=OFF"], check=True)
-    print(f"[build] ninja -j{jobs} llama-bench llama-quantize (several minutes on 2 cores)", flush=True)
+    print(f"[build] ninja -j{jobs} llama-bench llama-quantize (about 8 CPU-minutes)", flush=True)
     subprocess.run(["ninja", "-C", str(build), f"-j{jobs}", "llama-bench", "llama-quantize"], check=True)
     c_file = build / "leanseq-logits.c"
     c_file.write_text(LOGITS_C)
@@ -633,7 +633,7 @@ def main(argv=None) -> int:
     if not is_built(cache):
         if not args.build:
             print(f"llama.cpp is not built in {cache}.\n"
-                  "Build it (once, cached; about 20-40 minutes on 2 cores) with:\n"
+                  "Build it (once, cached; about 8 CPU-minutes of compiling) with:\n"
                   f"    python {sys.argv[0]} --build ...\n"
                   f"It needs cmake, ninja, gcc/g++ and the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist "
                   f"(found in {cache} or ./, or given with --sdist; else fetched with `{PIP_DOWNLOAD}`).",
