@@ -18,6 +18,7 @@ from torch import nn
 from leanseq.models.base import LanguageModel
 from leanseq.models.layers import RMSNorm, embedding
 from leanseq.models.state import State, TensorSpec
+from leanseq.ops import decode
 
 
 @dataclasses.dataclass
@@ -112,11 +113,11 @@ class SSMLanguageModel(LanguageModel):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device  # direct: the generic parameters() walk costs more than a whole state check
+        return self.backbone.embeddings.weight.device  # direct: a parameters() walk costs more than a state check
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.backbone.embeddings.weight.dtype  # not lm_head: quantize_int8 may make it an Int8Linear
 
     def state_spec(self, batch_size: int) -> dict[str, TensorSpec]:
         n_layers = self.config.num_hidden_layers
@@ -139,7 +140,8 @@ class SSMLanguageModel(LanguageModel):
             convs.append(conv)
             ssms.append(ssm)
         hidden = self.backbone.norm_f(hidden.to(self.backbone.norm_f.weight.dtype))
-        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
+        head_dtype = getattr(self.lm_head, "compute_dtype", None) or self.lm_head.weight.dtype  # int8 heads
+        logits = self.lm_head(hidden.to(head_dtype))
         if state is None:
             return logits, None
         length = 1 if step else hidden.shape[1]
@@ -154,4 +156,13 @@ class SSMLanguageModel(LanguageModel):
         return self._run(self.backbone.embeddings(input_ids), state, step=False)
 
     def _step(self, token_ids, state):
+        # the compiled whole-step kernel when it applies (leanseq.ops.decode says when); else the eager layers
+        out = decode.try_step(self, token_ids, state)
+        if out is not None:
+            return out
         return self._run(self.backbone.embeddings(token_ids), state, step=True)
+
+    def invalidate_native(self) -> None:
+        """Drop the native decode plan; the next step rebuilds it. Rarely needed: the plan reads weights in
+        place and notices replaced modules or tensors by itself (see leanseq.ops.decode)."""
+        decode.invalidate(self)

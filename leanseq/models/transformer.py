@@ -27,6 +27,7 @@ from leanseq.models.base import LanguageModel
 from leanseq.models.config import ConfigBase, ConfigError, check_number
 from leanseq.models.layers import RMSNorm, embedding
 from leanseq.models.state import State, TensorSpec
+from leanseq.ops import decode_transformer
 
 ROPE_MODEL_TYPE = "llama"
 ABSOLUTE_MODEL_TYPE = "leanseq_transformer"
@@ -452,21 +453,23 @@ class TransformerLM(LanguageModel):
         cfg = self.config
         if cfg.position_embedding == "absolute":
             capacity = min(capacity, cfg.max_position_embeddings)
-        device = self.lm_head.weight.device if device is None else device
+        like = self.model.embed_tokens.weight  # not lm_head: quantize_int8 may make it an Int8Linear
+        device = like.device if device is None else device
         shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, capacity, cfg.head_dim)
         # zeros, not empty: slots past a row's position are masked, and a masked NaN would still poison softmax
-        k = torch.zeros(shape, dtype=self.lm_head.weight.dtype, device=device)
+        k = torch.zeros(shape, dtype=like.dtype, device=device)
         return TransformerState(
             position=torch.zeros(batch_size, dtype=torch.long, device=device), k=k, v=torch.zeros_like(k)
         )
 
+    # not lm_head: quantize_int8 may make it an Int8Linear, whose int8 weights are not the model's dtype
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device  # direct: the generic parameters() walk costs more than a whole state check
+        return self.model.embed_tokens.weight.device  # direct: a parameters() walk costs more than a state check
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.embed_tokens.weight.dtype
 
     def state_spec(self, batch_size: int) -> dict[str, TensorSpec]:
         cfg = self.config
@@ -535,8 +538,16 @@ class TransformerLM(LanguageModel):
         return logits, state
 
     def _step(self, token_ids: torch.Tensor, state: TransformerState):
+        # the compiled whole-step kernel when it applies (leanseq.ops.decode_transformer says when)
+        out = decode_transformer.try_step(self, token_ids, state)
+        if out is not None:
+            return out
         logits, state = self._forward(token_ids[:, None], state)
         return logits[:, 0], state
+
+    def invalidate_native(self) -> None:
+        """Drop the native decode plan; the next step rebuilds it (rarely needed, see leanseq.ops.decode)."""
+        decode_transformer.decode.invalidate(self)
 
 
 __all__ = ["TransformerConfig", "TransformerLM", "TransformerState"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import dataclasses
 import hashlib
 import hmac
 import itertools
@@ -42,6 +43,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -309,7 +311,20 @@ def _declare(lib: ctypes.CDLL) -> None:
     bwd.argtypes = [ctypes.c_void_p] * 15 + [ctypes.c_int64] * 8
 
 
-def _load_from(fd: int, path: Path) -> ctypes.CDLL:
+@dataclasses.dataclass(frozen=True)
+class _Kernel:
+    """One C library built and cached the same way: its source, extra compiler flags, and a function that
+    declares its symbols' signatures (raising AttributeError when one is missing)."""
+
+    source: Path
+    extra_flags: tuple[str, ...]
+    declare: Callable[[ctypes.CDLL], None]
+
+
+_SCAN_KERNEL = _Kernel(_SOURCE, (), _declare)
+
+
+def _load_from(fd: int, path: Path, kernel: _Kernel) -> ctypes.CDLL:
     """Load the library open as `fd`: through /proc/self/fd where there is one, so that the bytes checked are
     the bytes mapped even if the path is swapped meanwhile; by path elsewhere."""
     by_fd = f"/proc/self/fd/{fd}"
@@ -319,13 +334,13 @@ def _load_from(fd: int, path: Path) -> ctypes.CDLL:
     except OSError as exc:
         raise _Rejected(f"the loader refused {path} ({exc})") from None
     try:
-        _declare(lib)
+        kernel.declare(lib)
     except AttributeError as exc:
         raise _Rejected(f"{path} lacks the kernel's symbols ({exc})") from None
     return lib
 
 
-def _load_verified(target: Path, secret: bytes, build_key: str) -> ctypes.CDLL:
+def _load_verified(target: Path, secret: bytes, build_key: str, kernel: _Kernel) -> ctypes.CDLL:
     """Load the cached library only if its bytes match the HMAC recorded when it was built."""
     try:
         fd = _open_private(target)
@@ -347,17 +362,18 @@ def _load_verified(target: Path, secret: bytes, build_key: str) -> ctypes.CDLL:
     except BaseException:
         os.close(fd)
         raise
-    return _load_from(fd, target)
+    return _load_from(fd, target, kernel)
 
 
-def _compile_and_load(compiler: list[str], target: Path, secret: bytes, build_key: str) -> ctypes.CDLL:
+def _compile_and_load(compiler: list[str], target: Path, secret: bytes, build_key: str,
+                      kernel: _Kernel) -> ctypes.CDLL:
     """Compile into a temporary file, record its HMAC, fsync both, rename them into place, and load the very
     file that was hashed (a concurrent builder's rename cannot swap it)."""
     timeout = _compiler_timeout()
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        _run_compiler([*compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], timeout)
+        _run_compiler([*compiler, *_FLAGS, *kernel.extra_flags, str(kernel.source), "-o", tmp, "-lm"], timeout)
         os.chmod(tmp, 0o700)  # the linker recreates the file with the umask's mode, which may let the group write
         fd = _open_private(Path(tmp))
     except BaseException:
@@ -373,28 +389,29 @@ def _compile_and_load(compiler: list[str], target: Path, secret: bytes, build_ke
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return _load_from(fd, target)
+    return _load_from(fd, target, kernel)
 
 
-def _load_or_build(compiler: list[str], target: Path, secret: bytes, build_key: str) -> tuple[ctypes.CDLL, str]:
+def _load_or_build(compiler: list[str], target: Path, secret: bytes, build_key: str,
+                   kernel: _Kernel) -> tuple[ctypes.CDLL, str]:
     """The cached library if it checks out, else one rebuild; returns (library, status)."""
     status = "compiled kernel in use"
     if os.path.lexists(target):
         try:
-            return _load_verified(target, secret, build_key), status
+            return _load_verified(target, secret, build_key, kernel), status
         except _Rejected as exc:
             status = f"compiled kernel in use (rebuilt: {exc})"
     try:
-        return _compile_and_load(compiler, target, secret, build_key), status
+        return _compile_and_load(compiler, target, secret, build_key, kernel), status
     except _Rejected as exc:
         raise RuntimeError(f"the freshly compiled kernel cannot be used: {exc}; using the PyTorch scan") from None
 
 
-def _build() -> tuple[ctypes.CDLL, str]:
+def _build(kernel: _Kernel = _SCAN_KERNEL) -> tuple[ctypes.CDLL, str]:
     compiler = _compiler_command()
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + "\0".join(compiler + _FLAGS).encode()).hexdigest()[:16]
-    name = f"selective_scan-{key}-{_cpu_tag()}.so"
+    source = kernel.source.read_bytes()
+    key = hashlib.sha256(source + "\0".join(compiler + _FLAGS + list(kernel.extra_flags)).encode()).hexdigest()[:16]
+    name = f"{kernel.source.stem}-{key}-{_cpu_tag()}.so"
     root, folder = _cache_root(), _cache_dir()
     problem = _prepare_cache(folder, root)
     if problem is None:
@@ -405,16 +422,25 @@ def _build() -> tuple[ctypes.CDLL, str]:
         except OSError as exc:
             problem = f"its key cannot be made or read ({exc})"
     if problem is None:
-        return _load_or_build(compiler, folder / name, secret, key)
-    warnings.warn(f"leanseq: not using the kernel cache {folder}: {problem}. Building the scan kernel into a "
-                  "private temporary folder for this process instead.", RuntimeWarning, stacklevel=4)
+        return _load_or_build(compiler, folder / name, secret, key, kernel)
+    warnings.warn(f"leanseq: not using the kernel cache {folder}: {problem}. Building the {kernel.source.stem} "
+                  "kernel into a private temporary folder for this process instead.", RuntimeWarning, stacklevel=4)
     with tempfile.TemporaryDirectory(prefix="leanseq-native-") as private:  # 0700, removed once loaded
         try:
-            lib = _compile_and_load(compiler, Path(private) / name, os.urandom(_SECRET_BYTES), key)
+            lib = _compile_and_load(compiler, Path(private) / name, os.urandom(_SECRET_BYTES), key, kernel)
         except _Rejected as exc:
-            raise RuntimeError(f"the freshly compiled kernel cannot be used: {exc}; using the PyTorch scan") from None
+            raise RuntimeError(f"the freshly compiled kernel cannot be used: {exc}; using PyTorch") from None
     return lib, (f"compiled kernel in use, built in a private temporary folder (not cached) because the cache "
                  f"{folder} is not safe: {problem}")
+
+
+def build_library(source: Path, extra_flags: tuple[str, ...] = (),
+                  declare: Callable[[ctypes.CDLL], None] = lambda lib: None) -> tuple[ctypes.CDLL, str]:
+    """Build (or load from the verified cache) another C file of leanseq's, exactly as the scan kernel is: same
+    compiler, flags, timeout, HMAC-checked cache and safe-folder rules. `declare` sets the symbols' signatures
+    and raises AttributeError for a missing one (the cached file is then rebuilt). Returns (library, status);
+    raises RuntimeError or OSError when no library can be had, and callers fall back to PyTorch."""
+    return _build(_Kernel(Path(source), tuple(extra_flags), declare))
 
 
 def _is_enabled() -> bool:

@@ -175,6 +175,23 @@ def test_the_kv_cache_errors_name_the_tensor_at_fault(make_model):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_a_states_skip_of_the_check_is_only_for_the_model_that_returned_it(make_model, kind):
+    """check_state skips a state altogether only when this very model returned it and nothing changed since:
+    a model with more layers, or this one cast to another dtype, checks it in full and refuses it."""
+    model = make_model(kind)
+    deeper = make_model(kind, num_hidden_layers=3)
+    with torch.no_grad():
+        _, state = model.step(torch.tensor([1, 2]), live_state(model))
+        assert state._vouched_for(model) and not state._vouched_for(deeper)
+        field = "conv" if kind != "transformer" else "k"
+        with pytest.raises(ValueError, match=f"state tensor '{field}' has shape"):
+            deeper.step(torch.tensor([1, 2]), state)
+        model.double()
+        with pytest.raises(TypeError, match="dtype"):
+            model.step(torch.tensor([1, 2]), state)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_state_changed_after_the_model_returned_it_is_checked_again(make_model, kind):
     """The value check is skipped only for the model's own, untouched output; writes and swaps are seen."""
     model = make_model(kind)

@@ -1,0 +1,366 @@
+"""A native decode step for Mamba-1 and Mamba-2: the whole model.step (every layer, final norm, LM head) in
+one call into compiled C (csrc/decode_step.c), float32 or int8 weights.
+
+How it is used: `SSMLanguageModel._step` calls `try_step(model, token_ids, state)`, which returns None whenever
+the eager path must run instead: the kernel is switched off (LEANSEQ_NATIVE=0, `native.set_enabled(False)` or
+`set_enabled(False)` here), there is no compiler, weights or state are not float32 CPU tensors, autograd is
+recording and something requires a gradient, or the model has a part this kernel does not know.
+
+The plan. A model's plan is built on its first step: the model's sizes and one pointer per weight. Weights are
+not copied: nn.Linear's (out, in) layout already suits matrix-vector products, so the kernel reads the
+parameters' own memory, and in-place edits (optimizer steps, `load_state_dict`, `.copy_()`, writes through
+`.data[...]`) are seen by the next step with no invalidation. Nothing derived from weights is cached either
+(A = -exp(A_log) is recomputed inside the step; it costs one exp per (channel, state) per layer, as much as
+the scan itself already does). What a plan can get wrong is only *which* tensors it points at, so before each
+step it checks, in a few microseconds, that every module, parameter and buffer of the model is still the same
+object at the same address (a replaced Linear, a `param.data = other` swap or a `.to()` rebuild the plan).
+`model.invalidate_native()` drops the plan explicitly.
+
+State. The kernel reads the old conv and SSM state and writes new tensors, so the caller's state is never
+modified (users branch from old states) and nothing is copied twice.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import threading
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from leanseq.ops import native
+
+_SOURCE = Path(__file__).parent / "csrc" / "decode_step.c"
+
+# Layout shared with csrc/decode_step.c (enums CFG_*, FP_*, G_*, L_*, S_*); PLAN_VERSION guards mismatches.
+PLAN_VERSION = 1
+_CFG = ("version", "family", "layers", "hidden", "vocab", "d_inner", "n_state", "rank", "heads", "head_dim",
+        "groups", "kernel", "conv_ch", "in_rows", "xp_rows", "flags")
+_FP = ("eps", "dt_lo", "dt_hi")
+_G = ("embed", "norm_f", "head_w", "head_s", "head_b")
+_L = ("norm", "in_w", "in_s", "in_b", "conv_w", "conv_b", "xp_w", "xp_s", "dt_w", "dt_b", "A_log", "D",
+      "out_w", "out_s", "out_b", "lti_dt", "lti_B", "lti_C", "gnorm")
+FLAG_LTI, FLAG_DTHI, FLAG_DTLO = 1, 2, 4
+_ERRORS = {1: "plan layout/version", 2: "family", 3: "a size below 1", 4: "inconsistent sizes",
+           5: "batch size", 6: "conv state size", 7: "ssm state size", 8: "logits size", 9: "scratch size",
+           10: "pointer count", 11: "a token id outside the vocabulary"}
+
+# Tests may force a thread count (None: torch.get_num_threads(), reduced for small work).
+THREADS: int | None = None
+
+_lock = threading.Lock()
+_lib = None
+_reason = "not built yet"
+_enabled: bool | None = None
+
+
+def set_enabled(flag: bool | None) -> None:
+    """Force the native decode step on (True) or off (False); None follows leanseq.ops.native's switch."""
+    global _enabled
+    _enabled = flag
+
+
+def enabled() -> bool:
+    if _enabled is not None:
+        return _enabled
+    flag = getattr(native, "_enabled", None)  # the scan kernel's switch (native.set_enabled) covers this too
+    return flag if flag is not None else os.environ.get("LEANSEQ_NATIVE", "1") != "0"
+
+
+def _declare(lib) -> None:
+    """The decode library's signatures; AttributeError when a symbol is missing (the loader then rebuilds)."""
+    fn = lib.leanseq_ssm_decode_step
+    fn.restype = ctypes.c_int
+    # cfg, len, fp, len, ptrs, sizes, len, tokens, B, 8 buffers, threads
+    fn.argtypes = ([ctypes.c_void_p, ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2
+                   + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 8
+                   + [ctypes.c_int64])
+    g = lib.leanseq_gemv
+    g.restype = ctypes.c_int
+    g.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
+    tf = lib.leanseq_tf_decode_step
+    tf.restype = ctypes.c_int
+    # cfg, len, fp, len, ptrs, sizes, len, tokens, B, k, v, capacity, pos, logits, scratch, threads
+    tf.argtypes = ([ctypes.c_void_p, ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
+                   + [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
+                   + [ctypes.c_void_p] * 3 + [ctypes.c_int64])
+
+
+def library():
+    """The compiled library, built on first use; None (and `status()` says why) when it cannot be built."""
+    global _lib, _reason
+    if _lib is None and _reason == "not built yet":
+        with _lock:
+            if _lib is None and _reason == "not built yet":
+                try:
+                    lib, how = native.build_library(_SOURCE, extra_flags=("-pthread",), declare=_declare)
+                    _lib = lib
+                    _reason = how.replace("compiled kernel", "compiled decode kernel", 1)
+                except (RuntimeError, OSError, AttributeError) as exc:
+                    _reason = f"native decode unavailable: {exc}"
+    return _lib
+
+
+def status() -> str:
+    if not enabled():
+        return "disabled (LEANSEQ_NATIVE=0 or set_enabled(False))"
+    library()
+    return _reason
+
+
+class Unsupported(Exception):
+    """This model (as it is now) cannot take the native step; the message says why."""
+
+
+def _linear(lin, rows: int, cols: int, what: str):
+    """(weight, scale or None, bias or None) of an nn.Linear (float32) or an Int8Linear (int8 + row scales)."""
+    if lin is None:
+        raise Unsupported(f"{what} is missing")
+    qweight = getattr(lin, "qweight", None)
+    if qweight is not None:
+        w, scale = qweight, lin.scale
+        if w.dtype != torch.int8 or scale.dtype != torch.float32 or tuple(scale.shape) != (rows,):
+            raise Unsupported(f"{what}: int8 weights need int8 (out, in) weights and float32 (out,) scales")
+    elif isinstance(lin, nn.Linear):
+        w, scale = lin.weight, None
+    else:
+        raise Unsupported(f"{what} is a {type(lin).__name__}, not a Linear")
+    _need(w, (rows, cols), what + ".weight", w.dtype if scale is not None else torch.float32)
+    if lin.bias is not None:
+        _need(lin.bias, (rows,), what + ".bias")
+    return w, scale, lin.bias
+
+
+def _need(t, shape, what, dtype=torch.float32):
+    if t is None:
+        raise Unsupported(f"{what} is missing")
+    if t.device.type != "cpu" or t.dtype != dtype:
+        raise Unsupported(f"{what} is {t.dtype} on {t.device}; the native step wants {dtype} on the CPU")
+    if tuple(t.shape) != tuple(shape):
+        raise Unsupported(f"{what} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if not t.is_contiguous():
+        raise Unsupported(f"{what} is not contiguous")
+    return t
+
+
+def _snapshot(model: nn.Module):
+    """Every (container dict, key, object) of the module tree, and every tensor with its address."""
+    objs, tensors = [], []
+    for module in model.modules():
+        for d in (module._modules, module._parameters, module._buffers):
+            for key, value in d.items():
+                objs.append((d, key, value))
+                if isinstance(value, torch.Tensor):
+                    tensors.append((value, value.data_ptr()))
+    return objs, tensors
+
+
+class Plan:
+    """Sizes and weight pointers of one model, plus its scratch buffer. Built by `plan_for`."""
+
+    def __init__(self, model):
+        self.objs, self.tensors = _snapshot(model)
+        self.error: str | None = None
+        try:
+            self._build(model)
+        except Unsupported as exc:
+            self.error = str(exc)
+
+    def fresh(self) -> bool:
+        """Whether the model still has exactly the modules and tensors (at the same addresses) seen at build."""
+        for d, key, obj in self.objs:
+            if d.get(key) is not obj:
+                return False
+        for t, ptr in self.tensors:
+            if t.data_ptr() != ptr:
+                return False
+        return True
+
+    def _build(self, model) -> None:
+        cfg = model.config
+        family = {"mamba": 1, "mamba2": 2}.get(cfg.model_type)
+        if family is None:
+            raise Unsupported(f"no native decode for model_type {cfg.model_type!r}")
+        layers = list(model.backbone.layers)
+        H, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
+        K = cfg.conv_kernel
+        keep, slots = [], []
+
+        def ptr(t):
+            if t is None:
+                return 0
+            keep.append(t)
+            return t.data_ptr()
+
+        eps = {m.eps for m in [model.backbone.norm_f, *(b.norm for b in layers)]}
+        embed = _need(model.backbone.embeddings.weight, (V, H), "backbone.embeddings.weight")
+        head = _linear(model.lm_head, V, H, "lm_head")
+        g = {"embed": embed, "norm_f": _need(model.backbone.norm_f.weight, (H,), "backbone.norm_f.weight"),
+             "head_w": head[0], "head_s": head[1], "head_b": head[2]}
+        slots += [ptr(g[name]) for name in _G]
+        flags, dt_lo, dt_hi = 0, 0.0, 0.0
+        if family == 1:
+            D, N, R = cfg.intermediate_size, cfg.state_size, cfg.time_step_rank
+            lti = not cfg.selective
+            flags |= FLAG_LTI if lti else 0
+            sizes = {"d_inner": D, "n_state": N, "rank": R, "heads": 1, "head_dim": 1, "groups": 1, "conv_ch": D,
+                     "in_rows": 2 * D, "xp_rows": 0 if lti else R + 2 * N}
+        else:
+            D, N, NH, P, G = cfg.intermediate_size, cfg.state_size, cfg.num_heads, cfg.head_dim, cfg.n_groups
+            lo, hi = cfg.time_step_limit
+            if lo > 0:
+                flags, dt_lo = flags | FLAG_DTLO, lo
+            if math.isfinite(hi):
+                flags, dt_hi = flags | FLAG_DTHI, hi
+            sizes = {"d_inner": D, "n_state": N, "rank": 0, "heads": NH, "head_dim": P, "groups": G,
+                     "conv_ch": cfg.conv_dim, "in_rows": D + cfg.conv_dim + NH, "xp_rows": 0}
+        CC = sizes["conv_ch"]
+        for i, block in enumerate(layers):
+            m, name = block.mixer, f"backbone.layers.{i}.mixer"
+            s = dict.fromkeys(_L)
+            s["norm"] = _need(block.norm.weight, (H,), f"backbone.layers.{i}.norm.weight")
+            s["in_w"], s["in_s"], s["in_b"] = _linear(m.in_proj, sizes["in_rows"], H, name + ".in_proj")
+            s["conv_w"] = _need(m.conv1d.weight, (CC, 1, K), name + ".conv1d.weight")
+            if m.conv1d.bias is not None:
+                s["conv_b"] = _need(m.conv1d.bias, (CC,), name + ".conv1d.bias")
+            s["out_w"], s["out_s"], s["out_b"] = _linear(m.out_proj, H, D, name + ".out_proj")
+            if family == 1:
+                if flags & FLAG_LTI:
+                    s["lti_dt"] = _need(m.dt_lti, (R,), name + ".dt_lti")
+                    s["lti_B"] = _need(m.B_lti, (N,), name + ".B_lti")
+                    s["lti_C"] = _need(m.C_lti, (N,), name + ".C_lti")
+                else:
+                    s["xp_w"], s["xp_s"], xp_b = _linear(m.x_proj, R + 2 * N, D, name + ".x_proj")
+                    if xp_b is not None:
+                        raise Unsupported(f"{name}.x_proj has a bias")
+                dt_w, dt_s, s["dt_b"] = _linear(m.dt_proj, D, R, name + ".dt_proj")
+                if dt_s is not None:
+                    raise Unsupported(f"{name}.dt_proj is quantized; the native step keeps dt_proj float32")
+                s["dt_w"] = dt_w
+                s["A_log"] = _need(m.A_log, (D, N), name + ".A_log")
+                s["D"] = _need(m.D, (D,), name + ".D")
+            else:
+                s["dt_b"] = _need(m.dt_bias, (NH,), name + ".dt_bias")
+                s["A_log"] = _need(m.A_log, (NH,), name + ".A_log")
+                s["D"] = _need(m.D, (NH,), name + ".D")
+                s["gnorm"] = _need(m.norm.weight, (D,), name + ".norm.weight")
+                eps.add(m.norm.eps)
+            slots += [ptr(s[k]) for k in _L]
+        if len(eps) != 1:
+            raise Unsupported(f"the norms use different eps values {sorted(eps)}")
+        values = dict(version=PLAN_VERSION, family=family, layers=L, hidden=H, vocab=V, kernel=K, flags=flags,
+                      **sizes)
+        self.family, self.layers, self.vocab = family, L, V
+        self.cfg = torch.tensor([values[k] for k in _CFG], dtype=torch.int64)
+        self.fp = torch.tensor([eps.pop(), dt_lo, dt_hi], dtype=torch.float64)
+        self.ptrs = torch.tensor(slots, dtype=torch.int64)
+        self.keep = keep  # the tensors whose addresses are in ptrs stay alive as long as the plan
+        self.conv_shape = (L, CC, K - 1)
+        self.ssm_row = (D, N) if family == 1 else (sizes["heads"], sizes["head_dim"], N)
+        self.per_row = 2 * H + sizes["in_rows"] + CC + sizes["xp_rows"] + D
+        self.fixed = D * N if family == 1 else 0
+        unique = {id(t): t for t in keep}
+        embed_only = 0 if head[0] is embed else embed.numel() * 4  # a step reads B rows of the embedding
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in unique.values()) - embed_only
+        self.params = [t for t in keep if t.requires_grad]
+        self.scratch = torch.empty(0)
+        self.layouts: dict = {}
+        self.args_fixed = (self.cfg.data_ptr(), len(_CFG), self.fp.data_ptr(), len(_FP), self.ptrs.data_ptr())
+
+    def threads(self, batch: int) -> int:
+        if THREADS is not None:
+            return THREADS
+        # a second thread pays for its barriers (~1 us each, 5 per layer) only when there is real work
+        work = self.weight_bytes * (1 + batch / 4)
+        return max(1, min(torch.get_num_threads(), int(work // 1_000_000)))
+
+
+def plan_for(model, plan_class=None) -> Plan:
+    """The model's current plan, rebuilt when the model's modules or tensors changed since the last one.
+    `plan_class` (a Plan subclass) builds plans for other model kinds (decode_transformer.TransformerPlan)."""
+    plan = model.__dict__.get("_native_decode_plan")
+    if plan is None or not plan.fresh():
+        plan = (plan_class or Plan)(model)
+        model.__dict__["_native_decode_plan"] = plan
+    return plan
+
+
+def invalidate(model) -> None:
+    model.__dict__.pop("_native_decode_plan", None)
+
+
+def _refuse_shape(t: torch.Tensor, shape, what: str):
+    raise ValueError(f"state.{what} has shape {tuple(t.shape)}, but this model's state for {shape[1]} rows is "
+                     f"{tuple(shape)}")
+
+
+def _batch_layout(plan: Plan, batch: int):
+    """Per batch size, computed once: expected state shapes, the sizes the C entry checks, scratch floats."""
+    L, CC, W = plan.conv_shape
+    conv = torch.Size((L, batch, CC, W))
+    ssm = torch.Size((L, batch, *plan.ssm_row))
+    need = batch * plan.per_row + plan.fixed
+    sizes = (ctypes.c_int64 * 10)(batch, conv.numel(), ssm.numel(), conv.numel(), ssm.numel(), batch, batch,
+                                  batch * plan.vocab, need, plan.ptrs.numel())
+    layout = (conv, ssm, sizes, need)
+    plan.layouts[batch] = layout
+    return layout
+
+
+_F32 = torch.float32
+
+
+def try_step(model, token_ids: torch.Tensor, state):
+    """(logits (B, V), new state) from the native kernel, or None when the eager step must run."""
+    if not enabled() or not token_ids.is_cpu:
+        return None
+    plan = plan_for(model)
+    if plan.error is not None or library() is None:
+        return None
+    conv, ssm, pos = state.conv, state.ssm, state.position
+    if torch.is_grad_enabled() and (conv.requires_grad or ssm.requires_grad or any(p.requires_grad for p in plan.params)):
+        return None  # autograd wants a graph: the eager ops record one
+    batch = token_ids.shape[0]
+    conv_shape, ssm_shape, sizes, need = plan.layouts.get(batch) or _batch_layout(plan, batch)
+    if conv.dtype != _F32 or ssm.dtype != _F32 or not (conv.is_cpu and ssm.is_cpu and pos.is_cpu):
+        return None  # not float32 CPU state: the eager path handles (or refuses) it
+    if conv.shape != conv_shape:
+        _refuse_shape(conv, conv_shape, "conv")  # wrong sizes never reach native code
+    if ssm.shape != ssm_shape:
+        _refuse_shape(ssm, ssm_shape, "ssm")
+    if pos.dtype != torch.int64 or pos.shape != token_ids.shape:
+        return None
+    conv, ssm, pos, tokens = conv.contiguous(), ssm.contiguous(), pos.contiguous(), token_ids.contiguous()
+    scratch = plan.scratch
+    if scratch.numel() < need:
+        scratch = plan.scratch = torch.empty(need)
+    new_conv, new_ssm, new_pos = torch.empty(conv_shape), torch.empty(ssm_shape), torch.empty_like(pos)
+    logits = torch.empty(batch, plan.vocab)
+    rc = _lib.leanseq_ssm_decode_step(
+        *plan.args_fixed, sizes, 10, tokens.data_ptr(), batch, conv.data_ptr(), ssm.data_ptr(),
+        new_conv.data_ptr(), new_ssm.data_ptr(), pos.data_ptr(), new_pos.data_ptr(), logits.data_ptr(),
+        scratch.data_ptr(), plan.threads(batch),
+    )
+    if rc != 0:
+        raise RuntimeError(f"native decode step refused its inputs: {_ERRORS.get(rc, rc)} (code {rc})")
+    return logits, type(state)(position=new_pos, conv=new_conv, ssm=new_ssm)
+
+
+def gemv(weight: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None, threads: int = 1) -> torch.Tensor:
+    """y = x @ W.T with the kernel's matrix-vector product (for benchmarks and tests): W (out, in) float32 or
+    int8 with `scale` (out,); x (B, in) float32."""
+    if library() is None:
+        raise RuntimeError(status())
+    rows, cols = weight.shape
+    if x.dim() != 2 or x.shape[1] != cols or x.dtype != torch.float32:
+        raise ValueError(f"x must be float32 (B, {cols}), got {x.dtype} {tuple(x.shape)}")
+    if (scale is None) != (weight.dtype == torch.float32) or (scale is not None and scale.shape != (rows,)):
+        raise ValueError("float32 weights take no scale; int8 weights need float32 scales (out,)")
+    weight, x = weight.contiguous(), x.contiguous()
+    y = torch.empty(x.shape[0], rows)
+    _lib.leanseq_gemv(weight.data_ptr(), None if scale is None else scale.contiguous().data_ptr(), x.data_ptr(),
+                      y.data_ptr(), rows, cols, x.shape[0], threads)
+    return y
