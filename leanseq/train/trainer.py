@@ -170,7 +170,7 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(train))
         self.train_stream = task.batches(train.batch_size, seed=train.seed)
-        held_out = task.batches(train.eval_batch_size, seed=train.seed + EVAL_SEED_OFFSET)
+        held_out = task.held_out_batches(train.eval_batch_size, seed=train.seed + EVAL_SEED_OFFSET)
         self.eval_set = [next(held_out) for _ in range(train.eval_batches)]
         self.step = 0
         self.losses: list[float] = []  # training loss of every step this process ran, in order
@@ -240,7 +240,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Loss and per-token accuracy on the answer positions of the fixed held-out batches."""
+        """Loss and per-token accuracy on the answer positions of the fixed held-out batches, plus the task's
+        own figures (TaskConfig.eval_metrics)."""
         was_training = self.model.training
         self.model.eval()
         loss_sum, correct, count = 0.0, 0, 0
@@ -251,7 +252,9 @@ class Trainer:
             correct += int((logits.argmax(-1) == targets[mask]).sum())
             count += int(mask.sum())
         self.model.train(was_training)
-        return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
+        result = {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
+        result.update(self.task.eval_metrics(result["eval_loss"], self.eval_set))  # e.g. bits per byte
+        return result
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def fit(self) -> dict:
