@@ -38,10 +38,13 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 BYTE_TOKENIZER_CLASS = "LeanseqByteTokenizer"
 BYTE_TOKENIZER_VERSION = 1
 ENDOFTEXT = "<|endoftext|>"
-# A UTF-8 character is at most 4 bytes, and a byte-level tokenizer spends at least one id per byte, so a
-# streaming decoder that has held 4 ids without completing a character is looking at invalid bytes, not a
-# character still arriving: it lets them out as U+FFFD instead of holding text back forever.
+# How many ids a streaming decoder holds back while the text ends in an incomplete character, before it
+# decides the bytes are invalid (not a character still arriving) and lets them out as U+FFFD instead of
+# holding text back forever. With one id per byte that is exact: a UTF-8 character has at most 4 bytes. A
+# BPE token can end in the middle of a character and the next one again, several times over in CJK text, so
+# there the bound is only a generous guard.
 MAX_HELD_IDS = 4
+MAX_HELD_IDS_MULTIBYTE = 32
 REPLACEMENT = "\ufffd"
 
 
@@ -58,34 +61,47 @@ class StreamDecoder:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self._ids: list[int] = []
-        self._prefix = 0  # ids[prefix:read] produced the text already emitted at the end of the window
+        self._prefix = 0  # ids[prefix:read]: context, already emitted; ids[read:]: not yet emitted
         self._read = 0
 
     def push(self, token_id) -> str:
         token_id = _as_id(token_id, self.tokenizer.vocab_size)
         self._ids.append(token_id)
-        done = self.tokenizer.decode(self._ids[self._prefix:self._read], self.skip_special_tokens)
         full = self.tokenizer.decode(self._ids[self._prefix:], self.skip_special_tokens)
-        if full.endswith(REPLACEMENT) and len(self._ids) - self._read < MAX_HELD_IDS:
+        if full.endswith(REPLACEMENT) and len(self._ids) - self._read < self.tokenizer.max_held_ids:
             return ""  # a character is still arriving
-        new = full.removeprefix(done)
-        self._prefix, self._read = self._read, len(self._ids)
-        if self._prefix > 64:  # the window only needs the last token(s); keep the list short
-            drop = self._prefix - 1
-            del self._ids[:drop]
-            self._prefix -= drop
-            self._read -= drop
+        new = self._new_text(full)
+        self._read = len(self._ids)
+        self._prefix = self._clean_context_start()
+        if self._prefix > 64:  # only the context window is needed; keep the list short
+            del self._ids[:self._prefix]
+            self._read -= self._prefix
+            self._prefix = 0
         return new
+
+    def _new_text(self, full: str) -> str:
+        done = self.tokenizer.decode(self._ids[self._prefix:self._read], self.skip_special_tokens)
+        # the context window decodes cleanly (see _clean_context_start), so `full` starts with `done`
+        return full[len(done):]
+
+    def _clean_context_start(self) -> int:
+        """Where the next context window starts: the last already-emitted token(s), going back until they
+        decode without a U+FFFD, so the window never opens in the middle of a character (a window that did
+        would decode differently alone than inside the longer text). No context if none is clean nearby."""
+        for start in range(self._read - 1, max(-1, self._read - 1 - MAX_HELD_IDS), -1):
+            if REPLACEMENT not in self.tokenizer.decode(self._ids[start:self._read], self.skip_special_tokens):
+                return start
+        return self._read
 
     def extend(self, token_ids: Iterable) -> str:
         return "".join(self.push(t) for t in _as_id_list(token_ids, self.tokenizer.vocab_size))
 
     def finish(self) -> str:
         """The held-back text (an incomplete character comes out as U+FFFD); the decoder starts afresh."""
-        done = self.tokenizer.decode(self._ids[self._prefix:self._read], self.skip_special_tokens)
         full = self.tokenizer.decode(self._ids[self._prefix:], self.skip_special_tokens)
+        new = self._new_text(full)
         self._ids, self._prefix, self._read = [], 0, 0
-        return full.removeprefix(done)
+        return new
 
 
 def _as_id(value, vocab_size: int) -> int:
@@ -126,6 +142,7 @@ class Tokenizer(abc.ABC):
     eos_token_id: int | None = None
     pad_token_id: int | None = None
     chat_template: str | None = None
+    max_held_ids: int = MAX_HELD_IDS_MULTIBYTE  # see MAX_HELD_IDS; ByteTokenizer sets the exact bound
 
     @property
     @abc.abstractmethod
@@ -180,6 +197,8 @@ class Tokenizer(abc.ABC):
 
 class ByteTokenizer(Tokenizer):
     """UTF-8 bytes as ids 0..255, then the special tokens (default `<|endoftext|>` = 256 for bos/eos/pad)."""
+
+    max_held_ids = MAX_HELD_IDS
 
     def __init__(self, special_tokens: Sequence[str] = (ENDOFTEXT,), bos_token: str | None = ENDOFTEXT,
                  eos_token: str | None = ENDOFTEXT, pad_token: str | None = ENDOFTEXT,
