@@ -11,6 +11,7 @@ Under torchrun it wraps the model in DistributedDataParallel; see distributed.py
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -207,6 +208,16 @@ class Trainer:
     def _release_output_dir(self) -> None:
         self._output_lock.release()
         self._holds_output = False
+
+    @contextlib.contextmanager
+    def holding_output_dir(self):
+        """Hold output.dir's lock for a caller that drives train_step / evaluate / save_checkpoint itself
+        instead of fit() (leanseq lm race alternates two trainers in slices); released on leaving."""
+        self._hold_output_dir()
+        try:
+            yield self
+        finally:
+            self._release_output_dir()
 
     # ---- one step -----------------------------------------------------------------------------------------
     def train_step(self) -> dict:
