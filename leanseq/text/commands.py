@@ -43,10 +43,13 @@ def register(subparsers) -> None:
         "corpus: make setup (or python -m leanseq.text.corpus prepare).",
     )
     p.add_argument("--budget-joules", type=_positive_float, default=None,
-                   help="training energy per model (default 4000; --quick: 20)")
+                   help="training energy per model (default 3000; --quick: 20)")
     p.add_argument("--family", choices=("mamba", "mamba2"), default="mamba", help="the SSM side (default mamba)")
     p.add_argument("--slices", type=_positive_int, default=None,
-                   help="evaluation points per model; the models alternate after each (default 16)")
+                   help="evaluation points per model; the models alternate after each (default 12)")
+    p.add_argument("--seq-len", type=_positive_int, default=None, help="bytes per training window (default 2048)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="windows per step (default 2)")
+    p.add_argument("--state-size", type=_positive_int, default=None, help="the SSM's state size N (default 8)")
     p.add_argument("--out", default="leanseq-out/lm-race", help="output folder (default leanseq-out/lm-race)")
     p.add_argument("--source", default=None,
                    help="the bytes: module:function(split) or a folder with train.txt and validation.txt "
@@ -67,11 +70,14 @@ def _race(args) -> int:
 
     torch.set_num_threads(args.threads)
     overrides = {"seed": args.seed}
-    for key, value in (("budget_joules", args.budget_joules), ("slices", args.slices), ("source", args.source)):
-        if value is not None:
-            overrides[key] = value
+    for key in ("budget_joules", "slices", "source", "seq_len", "batch_size"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
     settings = quick_settings(**overrides) if args.quick else RaceSettings(**overrides)
-    settings = dataclasses.replace(settings, ssm=dataclasses.replace(settings.ssm, family=args.family))
+    ssm = dataclasses.replace(settings.ssm, family=args.family)
+    if args.state_size is not None:
+        ssm = dataclasses.replace(ssm, state_size=args.state_size)
+    settings = dataclasses.replace(settings, ssm=ssm)
     log = lambda message: print(message, file=sys.stderr)  # the table alone goes to stdout
     state = run_race(settings, args.out, progress=not args.no_progress, log=log,
                      meter_kwargs=meter_kwargs_from_args(args))

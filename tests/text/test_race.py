@@ -107,11 +107,15 @@ def test_settings_are_checked():
 def test_cli_quick_race(tmp_path, source, capsys):
     out = tmp_path / "cli"
     code = cli.main(["lm", "race", "--quick", "--budget-joules", "0.5", "--slices", "1", "--source", source,
-                     "--out", str(out), "--no-progress", "--threads", "1", "--family", "mamba2"])
+                     "--out", str(out), "--no-progress", "--threads", "1", "--family", "mamba2",
+                     "--seq-len", "16", "--batch-size", "2", "--state-size", "4"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "val bpb" in printed and "mamba2" in printed and "race.json" in printed
-    assert json.loads((out / "race.json").read_text())["models"]["ssm"]["family"] == "mamba2"
+    saved = json.loads((out / "race.json").read_text())
+    assert saved["models"]["ssm"]["family"] == "mamba2"
+    assert saved["settings"]["seq_len"] == 16 and saved["settings"]["batch_size"] == 2
+    assert saved["models"]["ssm"]["config"]["state_size"] == 4
 
 
 def test_cli_errors(tmp_path, capsys):
