@@ -77,7 +77,9 @@ class RaceSettings:
     min_lr_ratio: float = 0.1  # the cosine ends at lr x this when the budget is spent
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_batches: int = 4  # fixed validation windows: eval_batches x eval_batch_size windows of seq_len
+    # fixed validation windows: eval_batches x eval_batch_size windows of seq_len (8 x 2048 bytes: about 3
+    # CPU-seconds per evaluation here; both models read the same windows, so their difference is paired)
+    eval_batches: int = 2
     eval_batch_size: int = 4
     seed: int = 0
     source: str = DEFAULT_SOURCE
