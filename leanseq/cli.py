@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "leanseq.train.commands",
     "leanseq.bench.commands",
     "leanseq.bench.repro_commands",
+    "leanseq.text.commands",
 ]
 
 # What a user's input or environment can cause; the message alone says what to fix. ConfigError,

@@ -4,7 +4,8 @@
     for inputs, targets, loss_mask in task.batches(batch_size=8, seed=0): ...   # each (B, L)
     acc = accuracy(logits, targets, loss_mask)
 
-Tasks: selective_copying and induction_heads (Mamba, arXiv 2312.00752), mqar (Zoology, arXiv 2312.04927).
+Tasks: selective_copying and induction_heads (Mamba, arXiv 2312.00752), mqar (Zoology, arXiv 2312.04927);
+bytes_lm, next-byte prediction over a text (whose bytes a higher room such as leanseq.text supplies).
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 import difflib
 
 from leanseq.tasks.base import IGNORE_INDEX, Batch, BatchIterator, TaskConfig, accuracy
+from leanseq.tasks.bytes_lm import BytesLMConfig
 from leanseq.tasks.induction_heads import InductionHeadsConfig
 from leanseq.tasks.mqar import MQAR_PRESETS, MQARConfig
 from leanseq.tasks.selective_copying import SelectiveCopyingConfig
 
 TASKS: dict[str, type[TaskConfig]] = {
-    cls.name: cls for cls in (SelectiveCopyingConfig, InductionHeadsConfig, MQARConfig)
+    cls.name: cls for cls in (SelectiveCopyingConfig, InductionHeadsConfig, MQARConfig, BytesLMConfig)
 }
 
 
@@ -36,6 +38,7 @@ __all__ = [
     "TASKS",
     "Batch",
     "BatchIterator",
+    "BytesLMConfig",
     "InductionHeadsConfig",
     "MQARConfig",
     "SelectiveCopyingConfig",

@@ -56,6 +56,15 @@ class TaskConfig(abc.ABC):
         """An endless, deterministic iterator of batches for this config."""
         return BatchIterator(self, batch_size, seed)
 
+    def held_out_batches(self, batch_size: int, seed: int = 0) -> BatchIterator:
+        """The batches a trainer evaluates on. Synthetic tasks draw them like training batches (from a seed no
+        training stream uses); a task over a data set overrides this to read its validation split."""
+        return self.batches(batch_size, seed)
+
+    def eval_metrics(self, eval_loss: float, eval_set: list[Batch]) -> dict:
+        """Task-specific figures derived from the mean held-out loss (e.g. bits per byte); none by default."""
+        return {}
+
     def to_dict(self) -> dict:
         return {"name": self.name, **dataclasses.asdict(self)}
 

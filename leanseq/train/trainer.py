@@ -11,6 +11,7 @@ Under torchrun it wraps the model in DistributedDataParallel; see distributed.py
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -170,7 +171,7 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(train))
         self.train_stream = task.batches(train.batch_size, seed=train.seed)
-        held_out = task.batches(train.eval_batch_size, seed=train.seed + EVAL_SEED_OFFSET)
+        held_out = task.held_out_batches(train.eval_batch_size, seed=train.seed + EVAL_SEED_OFFSET)
         self.eval_set = [next(held_out) for _ in range(train.eval_batches)]
         self.step = 0
         self.losses: list[float] = []  # training loss of every step this process ran, in order
@@ -208,6 +209,16 @@ class Trainer:
         self._output_lock.release()
         self._holds_output = False
 
+    @contextlib.contextmanager
+    def holding_output_dir(self):
+        """Hold output.dir's lock for a caller that drives train_step / evaluate / save_checkpoint itself
+        instead of fit() (leanseq lm race alternates two trainers in slices); released on leaving."""
+        self._hold_output_dir()
+        try:
+            yield self
+        finally:
+            self._release_output_dir()
+
     # ---- one step -----------------------------------------------------------------------------------------
     def train_step(self) -> dict:
         """Draw the global batch, keep this rank's rows, one AdamW step. Returns loss, lr, grad_norm."""
@@ -240,7 +251,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Loss and per-token accuracy on the answer positions of the fixed held-out batches."""
+        """Loss and per-token accuracy on the answer positions of the fixed held-out batches, plus the task's
+        own figures (TaskConfig.eval_metrics)."""
         was_training = self.model.training
         self.model.eval()
         loss_sum, correct, count = 0.0, 0, 0
@@ -251,7 +263,9 @@ class Trainer:
             correct += int((logits.argmax(-1) == targets[mask]).sum())
             count += int(mask.sum())
         self.model.train(was_training)
-        return {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
+        result = {"eval_loss": loss_sum / count, "eval_accuracy": correct / count}
+        result.update(self.task.eval_metrics(result["eval_loss"], self.eval_set))  # e.g. bits per byte
+        return result
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def fit(self) -> dict:

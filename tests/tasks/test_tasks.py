@@ -1,3 +1,7 @@
+import random
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,10 +16,21 @@ from leanseq.tasks import (
     get_task,
 )
 
+
+def _byte_folder() -> str:
+    """A bytes_lm folder source (train.txt, validation.txt) of seeded random text, for the shared tests."""
+    folder = Path(tempfile.mkdtemp(prefix="leanseq-bytes-lm-"))
+    rng = random.Random(0)
+    for split in ("train", "validation"):
+        (folder / f"{split}.txt").write_bytes(bytes(rng.randrange(256) for _ in range(4096)))
+    return str(folder)
+
+
 SMALL = {
     "selective_copying": {"seq_len": 64, "num_tokens_to_copy": 8},
     "induction_heads": {"seq_len": 32},
     "mqar": {"seq_len": 64, "num_kv_pairs": 4, "vocab_size": 256},
+    "bytes_lm": {"seq_len": 32, "source": _byte_folder()},
 }
 
 
