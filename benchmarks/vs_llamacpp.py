@@ -418,10 +418,14 @@ def worker(task: str, ckpt: str, threads: int, n_prompt: int, n_gen: int, depth:
     import leanseq
 
     model = leanseq.load(ckpt)
+    if extra == "int8":  # leanseq's int8 weights (per-row scales), as `leanseq.ops.quant` makes them
+        from leanseq.ops.quant import quantize_int8
+
+        model = quantize_int8(model)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
-    out = {"weights_bytes": sum(p.numel() * p.element_size()
-                                for p in {id(p): p for p in model.parameters()}.values())}
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}  # tied weights once
+    out = {"weights_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
     with torch.no_grad():
         if task == "check":
             ids = torch.tensor([[int(x) for x in extra.split(",")]])
@@ -573,9 +577,9 @@ def key(shape: str, family: str) -> str:
 
 def measure_side(cache, side, shape, family, ckpt, ggufs, depth, args, meta) -> dict:
     """One side's measurements of one round -> {test: {"tokens_per_s": [..], "other_cores": x}}."""
-    if side == "leanseq":
-        res = run_worker("bench", ckpt, args, depth=depth)
-        meta["leanseq_weights_bytes"] = res["weights_bytes"]
+    if side.startswith("leanseq"):
+        res = run_worker("bench", ckpt, args, depth=depth, extra="int8" if side == "leanseq int8" else "")
+        meta.setdefault("leanseq_weights_bytes", {})[side] = res["weights_bytes"]
         meta["last_logit_method"] = res["last_logit_method"]
         return {k: {"tokens_per_s": [v["tokens_per_s"]], "other_cores": v["other_cores"]}
                 for k, v in res.items() if isinstance(v, dict)}
@@ -601,6 +605,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="130m", help="130m (Mamba 130m, SmolLM-135M) and/or tiny")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quant", default="f32,f16,q8_0", help="llama.cpp weight types")
+    p.add_argument("--leanseq", default="f32,int8", help="leanseq weight types: f32 and/or int8")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-prompt", type=int, default=512)
     p.add_argument("--n-gen", type=int, default=128)
@@ -622,6 +627,8 @@ def main(argv=None) -> int:
     families = [f for f in args.families.split(",") if f]
     quants = [q for q in args.quant.split(",") if q]
     shapes = [s for s in args.shapes.split(",") if s]
+    if not set(args.leanseq.split(",")) <= {"f32", "int8"} or "f32" not in args.leanseq.split(","):
+        p.error(f"--leanseq: {args.leanseq!r}; give f32 or f32,int8")
     for name, allowed, got in (("families", FAMILIES, families), ("quant", QUANTS, quants),
                                ("shapes", tuple(SHAPES), shapes)):
         bad = [x for x in got if x not in allowed]
@@ -685,7 +692,7 @@ def main(argv=None) -> int:
                   f"(others {bw['other_cores']:.2f} cores{'' if bw['kept'] else ', dropped'})", flush=True)
             for shape, family, ckpt, ggufs in setups:
                 depth = args.depth if family == "llama" else 0
-                sides = ["leanseq"] + [f"llama.cpp {q}" for q in quants]
+                sides = leanseq_sides(args) + [f"llama.cpp {q}" for q in quants]
                 if r % 2:
                     sides.reverse()
                 for side in sides:
@@ -712,10 +719,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def leanseq_sides(args) -> list[str]:
+    return ["leanseq" if v == "f32" else f"leanseq {v}" for v in args.leanseq.split(",") if v]
+
+
+def ours_for(side: str, ours_sides: list[str]) -> str:
+    """Which leanseq column a llama.cpp column is compared with: int8 against q8_0, float32 otherwise."""
+    return "leanseq int8" if side.endswith("q8_0") and "leanseq int8" in ours_sides else "leanseq"
+
+
 def decode_bytes_per_token(side: str, test: str, meta: dict, family: str) -> int | None:
     """Bytes a decode step reads: all weights, plus the KV cache at depth (leanseq f32, llama.cpp f16)."""
-    if side == "leanseq":
-        weights = meta.get("leanseq_weights_bytes")
+    if side.startswith("leanseq"):
+        weights = meta.get("leanseq_weights_bytes", {}).get(side)
         kv_bytes_per_value = 4
     else:
         weights = meta.get("llamacpp_model_size", {}).get(side.split()[1])
@@ -733,7 +749,8 @@ def decode_bytes_per_token(side: str, test: str, meta: dict, family: str) -> int
 
 def build_report(args, argv, started, shapes, families, quants, samples, meta_rows, checks,
                  bandwidth) -> dict:
-    sides = ["leanseq"] + [f"llama.cpp {q}" for q in quants]
+    ours_sides = leanseq_sides(args)
+    sides = ours_sides + [f"llama.cpp {q}" for q in quants]
     bw_stat = summarize([b["gb_per_s"] for b in bandwidth if b["kept"]])
     total = sum(len(v) for v in samples.values()) + len(bandwidth)
     dropped = sum(not s["kept"] for v in samples.values() for s in v) + sum(not b["kept"] for b in bandwidth)
@@ -757,7 +774,8 @@ def build_report(args, argv, started, shapes, families, quants, samples, meta_ro
          f"per round): {fmt_stat(bw_stat)} GB/s"),
         ("- pp = prefill tokens/s, last logit only (as llama-bench); tg = decode tokens/s of single-token "
          "steps; @dN = after N tokens in the KV cache. Cells: median [min–max] over kept samples; "
-         "(x) = leanseq / that column"),
+         "(x) = leanseq / that column: leanseq int8 (`leanseq.ops.quant.quantize_int8`, int8 weights with "
+         "float32 per-row scales) against q8_0, leanseq float32 against the others"),
         "",
     ]
     js_rows = []
@@ -783,11 +801,11 @@ def build_report(args, argv, started, shapes, families, quants, samples, meta_ro
             for test in tests:
                 stats = {side: summarize([x["value"] for x in samples.get((shape, family, side, test), [])
                                           if x["kept"]]) for side in sides}
-                ours = stats["leanseq"]["median"]
                 cells = []
                 for side in sides:
                     cell = fmt_stat(stats[side])
-                    if side != "leanseq" and ours and stats[side]["median"]:
+                    ours = stats[ours_for(side, ours_sides)]["median"]
+                    if not side.startswith("leanseq") and ours and stats[side]["median"]:
                         cell += f" ({ours / stats[side]['median']:.2f}x)"
                     n_all = len(samples.get((shape, family, side, test), []))
                     if stats[side]["n"] != n_all:

@@ -220,3 +220,21 @@ def test_int8_generate_and_prefill_mamba2():
     decode.set_enabled(False)
     out_eager = q.generate(ids, 6, temperature=0)
     assert torch.equal(out_native, out_eager)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 37])
+@pytest.mark.parametrize("kernel", [True, False])
+def test_int8_linear_equals_its_dequantised_float_layer(rows, kernel):
+    """Whichever route Int8Linear takes (the int8 matrix-vector kernel for a few rows, a dequantised matmul
+    otherwise, or with the kernel off), it computes x @ dequantize().T + bias."""
+    torch.manual_seed(rows)
+    lin = Int8Linear.from_float(torch.randn(48, 40), bias=torch.randn(48))
+    x = torch.randn(rows, 40)
+    decode.set_enabled(kernel)
+    try:
+        with torch.no_grad():
+            got = lin(x)
+    finally:
+        decode.set_enabled(None)
+    want = torch.nn.functional.linear(x, lin.dequantize(), lin.bias)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
