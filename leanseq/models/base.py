@@ -1,13 +1,14 @@
 """The contract every leanseq language model follows.
 
     logits = model(input_ids)                                   # (B, L) -> (B, L, V)
+    logits = model(input_ids, logits="last")                    # (B, L) -> (B, 1, V): next-token logits only
     logits, state = model(input_ids, state=s, return_state=True)  # continue from s, return the state after
     state = model.init_state(batch_size)
     logits, state = model.step(token_ids, state)                # (B,) -> (B, V)
     model.generate(...), model.generate_stream(...), model.save_pretrained(path), leanseq.load(path)
 
 Subclasses implement `_forward(input_ids, state) -> (logits, state)`, `init_state` and usually a faster
-`_step`. Inputs are validated here once, so every model rejects bad input with the same clear errors.
+`_step`, and may override `_forward_last` to skip the LM head on positions whose logits nobody asked for. Inputs are validated here once, so every model rejects bad input with the same clear errors.
 """
 
 from __future__ import annotations
@@ -25,6 +26,21 @@ from leanseq.models import checkpoint as ckpt
 from leanseq.models.config import ConfigBase
 from leanseq.models.generation import stream_tokens
 from leanseq.models.state import State, TensorSpec, validate_state
+
+
+def logit_positions(logits, seq_len: int) -> int | None:
+    """The `logits` argument of forward -> None (every position) or n (the last n positions)."""
+    if isinstance(logits, str):
+        if logits == "all":
+            return None
+        if logits == "last":
+            return 1
+    elif isinstance(logits, int) and not isinstance(logits, bool):
+        if 1 <= logits <= seq_len:
+            return None if logits == seq_len else logits
+        raise ValueError(f"logits={logits} asks for the last {logits} positions, but the input has {seq_len} "
+                         f"tokens; pass an int in [1, {seq_len}], 'last' or 'all'")
+    raise ValueError(f"logits must be 'all', 'last' or an int (the last n positions), got {logits!r}")
 
 
 class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
@@ -47,6 +63,12 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
     def _step(self, token_ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         logits, state = self._forward(token_ids[:, None], state)
         return logits[:, 0], state
+
+    def _forward_last(self, input_ids: torch.Tensor, state: State | None, n: int):
+        """`_forward` with logits for the last n positions only, (B, n, V). This default slices the full
+        logits (a copy, so the (B, L, V) tensor is freed); models override it to skip the LM head instead."""
+        logits, state = self._forward(input_ids, state)
+        return logits[:, -n:].clone(), state
 
     # ---- the shared contract ------------------------------------------------------------------------------
     @property
@@ -116,16 +138,27 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
             return  # this model's own output, untouched since: nothing about it can have changed
         validate_state(state, self.state_class, self.state_spec(batch_size), self.device, check_values)
 
-    def forward(self, input_ids: torch.Tensor, state: State | None = None, return_state: bool = False):
+    def forward(self, input_ids: torch.Tensor, state: State | None = None, return_state: bool = False,
+                logits: str | int = "all"):
+        """input_ids (B, L) -> logits, or (logits, state after the input) with return_state=True.
+
+        `logits` says which positions get logits: "all" (default) -> (B, L, V); "last" -> (B, 1, V), the
+        next-token logits, without the (L x vocab) LM-head product over the other positions (a prefill that
+        only samples the next token needs no more); an int n in [1, L] -> the last n positions, (B, n, V).
+        """
         self.check_input_ids(input_ids)
+        keep_last = logit_positions(logits, input_ids.shape[1])
         if state is not None:
             self.check_state(state, input_ids.shape[0])
         elif return_state:
             state = self.init_state(input_ids.shape[0], device=input_ids.device)
-        logits, new_state = self._forward(input_ids.long(), state)
+        if keep_last is None:
+            out, new_state = self._forward(input_ids.long(), state)
+        else:
+            out, new_state = self._forward_last(input_ids.long(), state, keep_last)
         if new_state is not None:
             new_state._vouch(self)  # this model's own output: the next call need not re-check it
-        return (logits, new_state) if return_state else logits
+        return (out, new_state) if return_state else out
 
     def step(self, token_ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Consume one token per row: token_ids (B,) -> (logits (B, V), new state)."""

@@ -104,7 +104,8 @@ def _stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, e
     if seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
-    logits, state = model(input_ids, state=state, return_state=True)
+    # the prefill only needs the next token's logits: "last" skips the (L x vocab) LM-head product
+    logits, state = model(input_ids, state=state, return_state=True, logits="last")
     next_logits = logits[:, -1]
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     for i in range(max_new_tokens):

@@ -131,7 +131,7 @@ class SSMLanguageModel(LanguageModel):
             "ssm": TensorSpec((n_layers, batch_size, *ssm_shape), ("n_layers", "batch", *ssm_dims), torch.float32),
         }
 
-    def _run(self, hidden, state: ConvSSMState | None, step: bool):
+    def _run(self, hidden, state: ConvSSMState | None, step: bool, last: int | None = None):
         convs, ssms = [], []
         for i, block in enumerate(self.backbone.layers):
             conv = state.conv[i] if state is not None else None
@@ -139,12 +139,14 @@ class SSMLanguageModel(LanguageModel):
             hidden, conv, ssm = block(hidden, conv, ssm, step=step)
             convs.append(conv)
             ssms.append(ssm)
+        length = 1 if step else hidden.shape[1]
+        if last is not None:  # logits for the last positions only: norm and LM head skip the others
+            hidden = hidden[:, -last:]
         hidden = self.backbone.norm_f(hidden.to(self.backbone.norm_f.weight.dtype))
         head_dtype = getattr(self.lm_head, "compute_dtype", None) or self.lm_head.weight.dtype  # int8 heads
         logits = self.lm_head(hidden.to(head_dtype))
         if state is None:
             return logits, None
-        length = 1 if step else hidden.shape[1]
         new_state = self.state_class(
             position=state.position + length,
             conv=torch.stack(convs).to(state.conv.dtype),
@@ -154,6 +156,9 @@ class SSMLanguageModel(LanguageModel):
 
     def _forward(self, input_ids, state):
         return self._run(self.backbone.embeddings(input_ids), state, step=False)
+
+    def _forward_last(self, input_ids, state, n):
+        return self._run(self.backbone.embeddings(input_ids), state, step=False, last=n)
 
     def _step(self, token_ids, state):
         # the compiled whole-step kernel when it applies (leanseq.ops.decode says when); else the eager layers

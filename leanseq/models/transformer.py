@@ -498,7 +498,7 @@ class TransformerLM(LanguageModel):
             )
 
     # ---- forward --------------------------------------------------------------------------------------------
-    def _forward(self, input_ids: torch.Tensor, state: TransformerState | None):
+    def _forward(self, input_ids: torch.Tensor, state: TransformerState | None, last: int | None = None):
         L = input_ids.shape[1]
         steps = torch.arange(L, device=input_ids.device)
         if state is None:
@@ -534,8 +534,13 @@ class TransformerLM(LanguageModel):
             else:
                 k, v = torch.stack([c.k for c in caches]), torch.stack([c.v for c in caches])
                 state = TransformerState(position=state.position + L, k=k, v=v)
-        logits = self.lm_head(self.model.norm(x))  # (B, L, V)
+        if last is not None:  # logits for the last positions only: norm and LM head skip the others
+            x = x[:, -last:]
+        logits = self.lm_head(self.model.norm(x))  # (B, L or last, V)
         return logits, state
+
+    def _forward_last(self, input_ids: torch.Tensor, state: TransformerState | None, n: int):
+        return self._forward(input_ids, state, last=n)
 
     def _step(self, token_ids: torch.Tensor, state: TransformerState):
         # the compiled whole-step kernel when it applies (leanseq.ops.decode_transformer says when)

@@ -149,44 +149,65 @@ def ssd_chunked(
         Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
         Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
     nc = (l + pad) // q
-    # heads-first chunked layout, heads split as (g, hg) so each group's B and C serve its heads without
-    # a copy; every contraction below is then a batched matmul over (b, c, g[, hg])
-    x_dt = (xf * dtf[..., None]).reshape(b, nc, q, g, hg, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, hg, q, p)
-    Bc = Bf.reshape(b, nc, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
-    Cc = Cf.reshape(b, nc, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
-    a = (dtf * A.to(ct)).reshape(b, nc, q, g, hg).permute(0, 1, 3, 4, 2)  # (b, c, g, hg, q) log decays
-    a_cum = a.cumsum(dim=-1)  # log decay from the chunk start to each position
+    # without autograd, intermediates are overwritten in place instead of allocating new ones
+    inplace = not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, initial_state)))
+
+    # Layout: positions stay channel-last as they arrive, (b, c, q, h, p) with heads split as (g, hg); only
+    # the (b, c, g, q, n) views of B and C are transposed (for free, as matmul operands). The state-sized
+    # products put a group's heads side by side along the columns, (q, hg * p), so each is one matmul per
+    # chunk and group with no copy of B or C per head, and the read-out lands in the output's own layout.
+    a_cum = (dtf * A.to(ct)).reshape(b, nc, q, h).cumsum(dim=2)  # (b, c, q, h) log decay from chunk start
+    x_dt = (xf * dtf[..., None]).reshape(b, nc, q, g, hg, p)
+    Bg = Bf.reshape(b, nc, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
+    Cg = Cf.reshape(b, nc, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
 
     # 1. within each chunk: y[l] = sum_{s<=l} (C_l . B_s) exp(a_cum[l] - a_cum[s]) dt_s x_s
+    a_heads = a_cum.reshape(b, nc, q, g, hg).permute(0, 1, 3, 4, 2)  # (b, c, g, hg, q)
     causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
     # mask before exp: above the diagonal the difference is positive and could overflow
-    log_decay = (a_cum[..., :, None] - a_cum[..., None, :]).masked_fill(~causal, float("-inf"))
-    scores = torch.matmul(Cc, Bc.transpose(-1, -2))  # (b, c, g, q, q)
-    weights = torch.exp(log_decay) * scores[:, :, :, None]  # (b, c, g, hg, q, q)
-    y = torch.matmul(weights, x_dt)  # (b, c, g, hg, q, p)
+    log_decay = (a_heads[..., :, None] - a_heads[..., None, :]).masked_fill_(~causal, float("-inf"))
+    scores = torch.matmul(Cg, Bg.transpose(-1, -2))[:, :, :, None]  # (b, c, g, 1, q, q)
+    decay = torch.exp(log_decay)  # (b, c, g, hg, q, q)
+    weights = decay.mul_(scores) if inplace else decay * scores
+    y_intra = torch.matmul(weights, x_dt.permute(0, 1, 3, 4, 2, 5))  # (b, c, g, hg, q, p)
 
-    # 2. each chunk's contribution to the state at its end, starting from zero
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, c, g, hg, q)
-    x_to_end = (x_dt * decay_to_end[..., None]).transpose(-1, -2)  # (b, c, g, hg, p, q)
-    chunk_states = torch.matmul(x_to_end, Bc[:, :, :, None])  # (b, c, g, hg, p, n)
+    # 2. each chunk's contribution to the state at its end, from zero, transposed with heads along the
+    #    columns: (n, hg * p) = B^T (n, q) @ (x dt decayed to the chunk end) (q, hg * p)
+    decay_to_end = torch.exp(a_cum[:, :, -1:] - a_cum)  # (b, c, q, h)
+    x_end = x_dt * decay_to_end.reshape(b, nc, q, g, hg, 1)
+    x_end = x_end.reshape(b, nc, q, g, hg * p).transpose(2, 3)  # (b, c, g, q, hg * p)
+    chunk_states = torch.matmul(Bg.transpose(-1, -2), x_end).reshape(b, nc, g, n, hg, p)
 
-    # 3. pass states across chunks: the state entering each chunk, and the final state
-    chunk_decay = torch.exp(a_cum[..., -1])  # (b, c, g, hg)
+    # 3. pass states across chunks in that (b, g, n, hg, p) layout: the state entering each chunk, the final one
+    chunk_decay = torch.exp(a_cum[:, :, -1]).reshape(b, nc, g, 1, hg, 1)
     if initial_state is None:
-        state = xf.new_zeros(b, g, hg, p, n)
+        state = xf.new_zeros(b, g, n, hg, p)
     else:
-        state = initial_state.to(ct).reshape(b, g, hg, p, n)
-    entering = []
-    for c in range(nc):
-        entering.append(state)
-        state = chunk_decay[:, c, :, :, None, None] * state + chunk_states[:, c]
-    entering = torch.stack(entering, dim=1)  # (b, c, g, hg, p, n)
+        state = initial_state.to(ct).reshape(b, g, hg, p, n).permute(0, 1, 4, 2, 3)
+    if inplace:
+        entering = xf.new_empty(nc, b, g, n, hg, p)  # chunk-major: each chunk's slot is one contiguous block
+        entering[0] = state
+        for c in range(nc - 1):
+            torch.addcmul(chunk_states[:, c], chunk_decay[:, c], entering[c], out=entering[c + 1])
+        state = torch.addcmul(chunk_states[:, -1], chunk_decay[:, -1], entering[-1])
+        entering = entering.transpose(0, 1)
+    else:
+        entering = []
+        for c in range(nc):
+            entering.append(state)
+            state = chunk_decay[:, c] * state + chunk_states[:, c]
+        entering = torch.stack(entering, dim=1)  # (b, c, g, n, hg, p)
 
-    # 4. the entering state read out at every position, decayed from the chunk start
-    y_state = torch.matmul(Cc[:, :, :, None], entering.transpose(-1, -2))  # (b, c, g, hg, q, p)
-    y = y + y_state * torch.exp(a_cum)[..., None]
-
-    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, nc * q, h, p)[:, :l]
+    # 4. the entering state read out at every position, decayed from the chunk start: (q, n) @ (n, hg * p)
+    y = torch.matmul(Cg, entering.reshape(b, nc, g, n, hg * p))  # (b, c, g, q, hg * p)
+    y = y.reshape(b, nc, g, q, hg, p).transpose(2, 3)  # (b, c, q, g, hg, p): a view, the output's layout
+    decay_in = torch.exp(a_cum).reshape(b, nc, q, g, hg, 1)
+    y_intra = y_intra.permute(0, 1, 4, 2, 3, 5)  # (b, c, q, g, hg, p)
+    y = y.mul_(decay_in).add_(y_intra) if inplace else y * decay_in + y_intra
+    y = y.reshape(b, nc * q, h, p)[:, :l]
     if D is not None:
-        y = y + D.to(ct)[:, None] * xf[:, :l]
-    return y.to(x.dtype), state.reshape(b, h, p, n)
+        Dh = D.to(ct)[:, None]
+        y = y.addcmul_(xf[:, :l], Dh) if inplace else y + Dh * xf[:, :l]
+    state = state.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
+    return y.to(x.dtype), state

@@ -91,9 +91,11 @@ def run_tokens(model, state: State, ids: torch.Tensor, prefill_chunk_size: int, 
         logits, state = model.step(ids[:, 0], state)
         return logits[:, None], state
     pieces = []
+    which = "all" if keep_logits else "last"  # "last" skips the LM head on the rows nobody will read
     for start in range(0, n, prefill_chunk_size):
-        logits, state = model(ids[:, start : start + prefill_chunk_size], state=state, return_state=True)
-        pieces.append(logits if keep_logits else logits[:, -1:])
+        logits, state = model(ids[:, start : start + prefill_chunk_size], state=state, return_state=True,
+                              logits=which)
+        pieces.append(logits)
     return (torch.cat(pieces, dim=1) if keep_logits else pieces[-1]), state
 
 

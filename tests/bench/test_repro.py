@@ -161,6 +161,25 @@ def test_demo_quick_on_bundled_checkpoints(tmp_path, capsys):
     assert 15.9 < kv_256 / kv_16 <= 16  # the KV cache is linear in the context (plus a position counter)
     assert results["headline"]["length"] == 256
     assert "| 2^8 (256) | mamba |" in report and "estimated" in report
+    # the headline states the measurement and how the joules were obtained, not an internal target
+    head = results["headline"]
+    assert "target" not in printed.lower() and "target" not in report.lower() and "target_met" not in head
+    assert f"transformer / Mamba = {head['energy_ratio']:.3g}x" in printed
+    assert "estimated: process CPU-s x" in head["text"] and head["energy_method"] in head["title"]
+
+
+def test_demo_plot_title_is_short_enough_to_show_the_whole_headline():
+    row = {"status": "ok", "samples": 2, "state_bytes": 19_500, "method": "estimated: 1 CPU-s x 6.75 W/core"}
+    rows = [{**row, "model": "mamba", "length": 2**16, "correct": 2, "accuracy": 1.0, "joules_per_token": 1.54e-4},
+            {**row, "model": "transformer", "length": 2**16, "correct": 0, "accuracy": 0.0,
+             "joules_per_token": 1.08e-2},
+            {**row, "model": "mamba", "length": 2**20, "correct": 1, "accuracy": 1.0, "joules_per_token": 1.54e-4}]
+    results = {"rows": rows, "energy": {"method": "estimated: process CPU-s x 6.75 W/core (default watts)"}}
+    head = demo.headline(results)
+    assert head["title"].startswith("Induction heads at 2^16 tokens: Mamba 100% vs transformer 0% accurate")
+    assert "transformer / Mamba = 70.1x (estimated: process CPU-s x 6.75 W/core (default watts))" in head["title"]
+    assert len(head["title"]) <= 2 * 120  # the plot wraps it at 120 characters: two lines at most
+    assert "Mamba went on to 2^20" in head["text"] and "target" not in head["text"].lower()
 
 
 def test_bundled_checkpoints_load_and_solve_induction_heads_at_256():

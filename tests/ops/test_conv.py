@@ -30,3 +30,23 @@ def test_conv_continues_from_state_and_steps():
         steps.append(y)
     torch.testing.assert_close(torch.stack(steps, 1), full)
     torch.testing.assert_close(state, state_full)
+
+
+def test_conv_gradients_equal_torch_conv1d_and_no_bias_and_short_inputs():
+    torch.manual_seed(2)
+    for length, bias in [(9, True), (2, False), (1, True)]:  # shorter than the kernel's state too
+        x = torch.randn(2, length, 6, requires_grad=True)
+        w = torch.randn(6, 4, requires_grad=True)
+        b = torch.randn(6, requires_grad=True) if bias else None
+        s0 = torch.randn(2, 6, 3, requires_grad=True)
+        y, s = causal_conv1d(x, w, b, conv_state=s0)
+        full = torch.cat([s0, x.transpose(1, 2)], -1)
+        ref = torch.nn.functional.silu(torch.nn.functional.conv1d(full, w[:, None], b, groups=6)).transpose(1, 2)
+        torch.testing.assert_close(y, ref)
+        torch.testing.assert_close(s, full[..., -3:])
+        leaves = [t for t in (x, w, b, s0) if t is not None]
+        cot = torch.randn_like(y)
+        got = torch.autograd.grad((y * cot).sum() + s.sum(), leaves)
+        want = torch.autograd.grad((ref * cot).sum() + full[..., -3:].sum(), leaves)
+        for g_got, g_want in zip(got, want):
+            torch.testing.assert_close(g_got, g_want)

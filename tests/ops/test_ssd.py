@@ -177,3 +177,22 @@ def test_bad_shapes_are_named(change, match):
         ssd_chunked(**change(args), chunk_size=2)
     with pytest.raises(ValueError, match=match):
         ssd_reference(**change(args))
+
+
+def test_no_grad_and_autograd_paths_agree_and_leave_inputs_untouched():
+    """Without autograd the chunked scan reuses its intermediates in place; it must give the values the
+    differentiable path gives, and never write into its inputs (fp32 inputs are used without a copy)."""
+    x, dt, A, B, C, D, s0 = make_inputs(2, 37, 6, 4, 3, 5, with_state=True)
+    inputs = (x, dt, A, B, C, D, s0)
+    before = [t.clone() for t in inputs]
+    with torch.no_grad():
+        y_fast, s_fast = ssd_chunked(*inputs, chunk_size=8)
+    for t, b in zip(inputs, before):
+        assert torch.equal(t, b)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    y_grad, s_grad = ssd_chunked(*leaves, chunk_size=8)
+    assert y_grad.requires_grad and s_grad.requires_grad
+    torch.testing.assert_close(y_fast, y_grad.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(s_fast, s_grad.detach(), rtol=1e-6, atol=1e-6)
+    y_ref, s_ref = ssd_reference(*inputs)
+    assert rel_err(y_fast, y_ref) < 1e-5 and rel_err(s_fast, s_ref) < 1e-5
