@@ -146,15 +146,20 @@ def _need(t, shape, what, dtype=torch.float32):
     return t
 
 
+def _layout(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t.shape, t.stride(), t.dtype
+
+
 def _snapshot(model: nn.Module):
-    """Every (container dict, key, object) of the module tree, and every tensor with its address."""
+    """Every (container dict, key, object) of the module tree, and every tensor with its address and layout
+    (`p.data = p.data.t()` keeps the address but not the shape or strides the plan read)."""
     objs, tensors = [], []
     for module in model.modules():
         for d in (module._modules, module._parameters, module._buffers):
             for key, value in d.items():
                 objs.append((d, key, value))
                 if isinstance(value, torch.Tensor):
-                    tensors.append((value, value.data_ptr()))
+                    tensors.append((value, _layout(value)))
     return objs, tensors
 
 
@@ -170,12 +175,13 @@ class Plan:
             self.error = str(exc)
 
     def fresh(self) -> bool:
-        """Whether the model still has exactly the modules and tensors (at the same addresses) seen at build."""
+        """Whether the model still has exactly the modules and tensors (same addresses, shapes, strides and
+        dtypes) seen at build."""
         for d, key, obj in self.objs:
             if d.get(key) is not obj:
                 return False
-        for t, ptr in self.tensors:
-            if t.data_ptr() != ptr:
+        for t, layout in self.tensors:
+            if _layout(t) != layout:
                 return False
         return True
 
