@@ -68,9 +68,18 @@ def test_kv_cache_bytes():
 
 
 def test_decode_bytes_per_token_adds_kv_cache_at_depth_only():
-    meta = {"leanseq_weights_bytes": 1000, "llamacpp_model_size": {"q8_0": 300},
-            "config": {"hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 3, "num_key_value_heads": 1}}
+    meta = {"leanseq_weights_bytes": {"leanseq": 1000, "leanseq int8": 400}, "llamacpp_model_size": {"q8_0": 300},
+            "config": {"hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 3,
+                       "num_key_value_heads": 1}}
     assert vs.decode_bytes_per_token("leanseq", "tg128", meta, "llama") == 1000
     assert vs.decode_bytes_per_token("leanseq", "tg128@d10", meta, "llama") == 1000 + 2 * 3 * 1 * 4 * 10 * 4
+    assert vs.decode_bytes_per_token("leanseq int8", "tg128", meta, "llama") == 400
     assert vs.decode_bytes_per_token("llama.cpp q8_0", "tg128@d10", meta, "llama") == 300 + 2 * 3 * 1 * 4 * 10 * 2
     assert vs.decode_bytes_per_token("llama.cpp f16", "tg128", meta, "llama") is None
+
+
+def test_int8_is_compared_with_q8_0_and_float32_with_the_rest():
+    ours = ["leanseq", "leanseq int8"]
+    assert vs.ours_for("llama.cpp q8_0", ours) == "leanseq int8"
+    assert vs.ours_for("llama.cpp f16", ours) == "leanseq"
+    assert vs.ours_for("llama.cpp q8_0", ["leanseq"]) == "leanseq"
