@@ -85,7 +85,7 @@ def worker(impl: str, ckpt: str, lengths: list[int], prompt_len: int, new_tokens
             return model(x)
 
         def generate(x, n):
-            return model.generate(x, n, temperature=0)
+            return model.generate(x, n, temperature=0, ignore_eos=True)
     else:
         import transformers
 

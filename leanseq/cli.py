@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "leanseq.bench.commands",
     "leanseq.bench.repro_commands",
     "leanseq.text.commands",
+    "leanseq.text.gen_commands",
 ]
 
 # What a user's input or environment can cause; the message alone says what to fix. ConfigError,

@@ -29,12 +29,20 @@ def model_class(model_type: str):
 
 
 def load(path: str | os.PathLike, device=None, dtype=None):
-    """A checkpoint folder (config.json + safetensors, single or sharded) -> model in eval mode.
+    """A checkpoint -> model in eval mode. `path` is a folder (config.json + safetensors, single or sharded, or
+    an original state-spaces `pytorch_model.bin`, read without unrestricted pickle) or a Hugging Face Hub id
+    found in the local cache (see leanseq.models.hub).
 
     Safe while another process re-saves the folder: config and tensors come from one saved version.
     """
+    from leanseq.models import hub, original
+
+    path = hub.resolve(path)
+
     def load_version(folder):
         config = read_config(folder)
+        if original.is_original_config(config):
+            return original.load_original(folder, config, device=device, dtype=dtype)
         if "model_type" not in config:
             raise CheckpointError(
                 f"{folder}/config.json has no model_type; leanseq loads: {', '.join(sorted(MODEL_TYPES))}")

@@ -24,7 +24,7 @@ from torch import nn
 
 from leanseq.models import checkpoint as ckpt
 from leanseq.models.config import ConfigBase
-from leanseq.models.generation import stream_tokens
+from leanseq.models.generation import as_prompt_tensor, stream_tokens
 from leanseq.models.state import State, TensorSpec, validate_state
 
 
@@ -50,6 +50,10 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        # generation_config.json as read from the checkpoint (written back on save); None when it had none
+        self.generation_config: dict | None = None
+        # a tokenizer attached by leanseq.text.load (any object with .save(folder)); save_pretrained writes it
+        self.tokenizer = None
 
     # ---- to implement -------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -168,32 +172,56 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
         new_state._vouch(self)
         return logits, new_state
 
+    def eos_token_ids(self) -> list[int]:
+        """The ids generation stops at by default: generation_config.json's eos_token_id when the checkpoint had
+        one, else config.json's; ids outside the vocabulary (which can never be produced) are left out."""
+        source = self.generation_config if self.generation_config and "eos_token_id" in self.generation_config \
+            else {"eos_token_id": getattr(self.config, "eos_token_id", None)}
+        value = source["eos_token_id"]
+        ids = value if isinstance(value, list) else [] if value is None else [value]
+        return [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size]
+
     def generate_stream(
         self,
         input_ids: torch.Tensor,
         max_new_tokens: int,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
-        eos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        *,
+        ignore_eos: bool = False,
+        repetition_penalty: float | None = None,
     ) -> Iterator[torch.Tensor]:
-        """Yield one (B,) tensor of new tokens at a time: one chunked prefill, then recurrent steps."""
-        return stream_tokens(self, input_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id)
+        """Yield one (B,) tensor of new tokens at a time: one chunked prefill, then recurrent steps.
+
+        Greedy unless a temperature > 0 is given. Stops at eos_token_id, by default the model's own
+        (eos_token_ids(); ignore_eos=True generates max_new_tokens regardless). input_ids may be a list of
+        ids or of equal-length lists.
+        """
+        eos = None if ignore_eos else self.eos_token_ids() if eos_token_id is None else eos_token_id
+        return stream_tokens(self, input_ids, max_new_tokens, temperature, top_k, top_p, seed, eos,
+                             repetition_penalty=repetition_penalty)
 
     @torch.no_grad()
     def generate(
         self,
         input_ids: torch.Tensor,
         max_new_tokens: int,
-        temperature: float = 1.0,
+        temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
-        eos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        *,
+        ignore_eos: bool = False,
+        repetition_penalty: float | None = None,
     ) -> torch.Tensor:
-        """The prompt followed by up to max_new_tokens sampled tokens: (B, L + new)."""
-        new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id))
+        """The prompt followed by up to max_new_tokens tokens: (B, L + new). Options as generate_stream."""
+        input_ids = as_prompt_tensor(self, input_ids)
+        new = list(self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
+                                        ignore_eos=ignore_eos, repetition_penalty=repetition_penalty))
         if not new:
             return input_ids
         return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
@@ -203,12 +231,24 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
         """Checkpoint keys that alias another tensor and are left out of saved files."""
         return ("lm_head.weight",) if getattr(self.config, "tie_word_embeddings", False) else ()
 
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write config.json + model.safetensors (atomically) that transformers loads with identical logits."""
+    def save_pretrained(self, path: str | os.PathLike, tokenizer=None) -> Path:
+        """Write config.json + model.safetensors (atomically) that transformers loads with identical logits.
+
+        generation_config.json is written when the model has one. The tokenizer (given here, or attached as
+        model.tokenizer) is written beside the weights with its own save(folder), in the same atomic write;
+        special-token ids the config leaves unstated are taken from it, so generation elsewhere stops at eos too.
+        """
         tensors = {k: v for k, v in self.state_dict().items() if k not in self._tied_keys()}
         config = self.config.to_dict()
         config["architectures"] = [self.hf_architecture] if getattr(self, "hf_architecture", None) else []
-        return ckpt.write_checkpoint(path, config, tensors)
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        if tokenizer is not None:
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                value = getattr(tokenizer, key, None)
+                if key not in config and value is not None:
+                    config[key] = value
+        return ckpt.write_checkpoint(path, config, tensors, generation_config=self.generation_config,
+                                     extra_writer=None if tokenizer is None else tokenizer.save)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None):
@@ -238,6 +278,7 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
             if v.is_floating_point():
                 tensors[k] = v.to(target)
         ckpt.load_state_dict_strict(model, tensors, optional=model._tied_keys(), assign=True)
+        model.generation_config = ckpt.read_generation_config(path)
         if device is not None:
             model.to(device)
         return model.eval()

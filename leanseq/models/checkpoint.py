@@ -29,6 +29,7 @@ import torch
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 # a scratch copy older than this is removed even when its pid is alive: no save takes an hour, and pids get reused
 LEFTOVER_MAX_AGE_S = 3600.0
 _READ_ATTEMPTS = 20  # a reader retries when the version it pinned was deleted before it could open a file
@@ -373,13 +374,33 @@ def atomic_write_dir(path: str | os.PathLike, write_fn) -> Path:
     return path
 
 
-def write_checkpoint(path: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+def read_generation_config(path: str | os.PathLike) -> dict | None:
+    """generation_config.json of a checkpoint folder as a dict, or None when the folder has none."""
+    file = Path(path) / GENERATION_CONFIG_FILE
+    if not (file.exists() or file.is_symlink()):
+        return None
+    data = _read_json(file, "generation_config.json must be a regular file")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def write_checkpoint(path: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor],
+                     generation_config: dict | None = None, extra_writer=None) -> Path:
+    """config.json + model.safetensors (+ generation_config.json), written atomically as one folder.
+
+    extra_writer(tmp_folder), if given, adds more files (e.g. a tokenizer's) inside the same atomic write.
+    """
     from safetensors.torch import save_file
 
     def write(tmp: Path) -> None:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if generation_config is not None:
+            (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation_config, indent=2, sort_keys=True) + "\n")
         contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         save_file(contiguous, str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+        if extra_writer is not None:
+            extra_writer(tmp)
 
     return atomic_write_dir(path, write)
 

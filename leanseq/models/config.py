@@ -17,8 +17,7 @@ from typing import Any
 GENERIC_HF_KEYS = frozenset(
     {
         "architectures", "transformers_version", "torch_dtype", "dtype", "use_cache", "return_dict",
-        "output_hidden_states", "output_attentions", "is_encoder_decoder", "pad_token_id", "bos_token_id",
-        "eos_token_id", "initializer_range", "rescale_prenorm_residual", "time_step_init_scheme",
+        "output_hidden_states", "output_attentions", "is_encoder_decoder", "initializer_range", "rescale_prenorm_residual", "time_step_init_scheme",
         "time_step_floor", "time_step_min", "time_step_max", "time_step_scale", "use_mambapy",
         "use_associative_scan", "chunk_size_feed_forward", "problem_type", "id2label", "label2id",
         "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params",
@@ -28,6 +27,11 @@ GENERIC_HF_KEYS = frozenset(
         "_commit_hash", "transformers.js_config", "output_router_logits",
     }
 )
+
+
+# Special-token ids: every family's config has them as fields (kept on load, written on save), because generation
+# stops at eos_token_id and transformers reads them from config.json. eos may be a list (several end tokens).
+SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 class ConfigError(ValueError):
@@ -137,7 +141,28 @@ class ConfigBase:
     def to_dict(self) -> dict[str, Any]:
         out = {"model_type": self.model_type}
         out.update(dataclasses.asdict(self))
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key in SPECIAL_TOKEN_KEYS:
+            # None where the family's default is None means "not stated": leave it out, as before these keys were
+            # kept. (Mamba2Config defaults to 1/0/2 as transformers does, so there an explicit null is written.)
+            if key in out and out[key] is None and defaults.get(key) is None:
+                del out[key]
         return out
+
+    def check_special_tokens(self) -> None:
+        """Refuse special-token ids that are not non-negative integers (eos may be a non-empty list of them)."""
+        for key in SPECIAL_TOKEN_KEYS:
+            value = getattr(self, key, None)
+            values = value if isinstance(value, list) and key == "eos_token_id" else [value]
+            if value == [] or any(v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0)
+                                  for v in values):
+                raise ConfigError(f"config key {key!r} must be a token id (an integer >= 0) or null"
+                                  f"{' or a non-empty list of ids' if key == 'eos_token_id' else ''}, got {value!r}")
+
+    def eos_token_ids(self) -> list[int]:
+        """eos_token_id as a list (empty when none is stated)."""
+        value = getattr(self, "eos_token_id", None)
+        return [] if value is None else list(value) if isinstance(value, list) else [value]
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

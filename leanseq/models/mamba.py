@@ -57,6 +57,10 @@ class MambaConfig(ConfigBase):
     # leanseq's ablation switch: False gives the LTI (S4-like) layer; such checkpoints get model_type
     # "leanseq_mamba_lti", since transformers has no such model. Left out of config.json when True.
     selective: bool = True
+    # transformers' MambaConfig defaults these to 0; here None means "not stated" and is left out of config.json
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
 
     def to_dict(self):
         out = super().to_dict()
@@ -102,6 +106,7 @@ class MambaConfig(ConfigBase):
         check_number("time_step_floor", self.time_step_floor, at_least=0)
         check_number("time_step_scale", self.time_step_scale, at_least=0)
         check_number("initializer_range", self.initializer_range, at_least=0)
+        self.check_special_tokens()
 
 
 def _s4d_real_log(n: int) -> torch.Tensor:

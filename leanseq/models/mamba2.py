@@ -101,6 +101,7 @@ class Mamba2Config(ConfigBase):
                               f"'n_groups' ({self.n_groups})")
         if self.hidden_act != "silu":
             raise ConfigError(f"config key 'hidden_act': only 'silu' is supported, got {self.hidden_act!r}")
+        self.check_special_tokens()
         limit = tuple(_json_float(v) for v in self.time_step_limit)
         numbers = len(limit) == 2 and all(isinstance(v, (int, float)) for v in limit)
         if not numbers or not 0 <= limit[0] <= limit[1]:

@@ -72,6 +72,9 @@ class TransformerConfig(ConfigBase):
     attention_dropout: float = 0.0
     tie_word_embeddings: bool = False
     position_embedding: str = "rope"  # leanseq: "rope" | "absolute" (learned, up to max_position_embeddings)
+    bos_token_id: int | None = None  # None: not stated, left out of config.json
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -101,6 +104,7 @@ class TransformerConfig(ConfigBase):
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ConfigError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
         self.rope_parameters = _standard_rope_parameters(self.rope_parameters)
+        self.check_special_tokens()
         self.model_type = ROPE_MODEL_TYPE if self.position_embedding == "rope" else ABSOLUTE_MODEL_TYPE
 
     @property

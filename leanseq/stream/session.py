@@ -150,6 +150,9 @@ class Session:
         # logits after the last consumed token, (B, V); kept so predict() works right after a restore
         check_last_logits(model, last_logits, batch_size)
         self.last_logits = last_logits
+        # JSON data an application keeps with the stream (e.g. a chat's messages); saved in the blob, so it is
+        # checksummed with the state and restored with it
+        self.metadata: dict | None = None
 
     # ---- streaming ------------------------------------------------------------------------------------
     def push(self, token_ids, keep_logits: bool = True) -> torch.Tensor:
@@ -193,13 +196,10 @@ class Session:
     # ---- serialisation --------------------------------------------------------------------------------
     def state_bytes(self, include_weights_hash: bool = True) -> bytes:
         """The stream as self-checking bytes (see leanseq.stream.blob); Session.restore reads them back."""
-        return blobfmt.encode(
-            self.model,
-            self.state,
-            self.last_logits,
-            {"batch_size": self.batch_size, "position": self.position, "prefill_chunk_size": self.prefill_chunk_size},
-            include_weights_hash=include_weights_hash,
-        )
+        info = {"batch_size": self.batch_size, "position": self.position, "prefill_chunk_size": self.prefill_chunk_size}
+        if self.metadata is not None:
+            info["metadata"] = self.metadata
+        return blobfmt.encode(self.model, self.state, self.last_logits, info, include_weights_hash=include_weights_hash)
 
     @classmethod
     def restore(cls, model, blob: bytes, prefill_chunk_size: int | None = None, check_weights: bool = True) -> Session:
@@ -215,6 +215,10 @@ class Session:
             raise blobfmt.StateBlobError(
                 f"corrupt state blob: header says position {info['position']} but the state holds {session.position}"
             )
+        metadata = info.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise blobfmt.StateBlobError(f"corrupt state blob: metadata must be a JSON object, got {type(metadata).__name__}")
+        session.metadata = metadata
         return session
 
     def save(self, path: str | os.PathLike, include_weights_hash: bool = True) -> Path:
