@@ -78,6 +78,9 @@ def _declare(lib) -> None:
     fn.argtypes = ([ctypes.c_void_p, ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2
                    + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 8
                    + [ctypes.c_int64])
+    packed = lib.leanseq_ssm_decode_packed
+    packed.restype = ctypes.c_int
+    packed.argtypes = [ctypes.c_void_p, ctypes.c_int64]  # the same arguments packed into one int64 array
     g = lib.leanseq_gemv
     g.restype = ctypes.c_int
     g.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
