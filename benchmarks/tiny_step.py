@@ -52,10 +52,10 @@ def main() -> None:
         parts = {
             "model.step (native, vouched state)": native_step,
             "model.step (native, unvouched state)": lambda: model.step(tok, outside),
-            "  check_input_ids": lambda: model.check_input_ids(tok, rank=1, what="token_ids"),
+            "  check_input_ids (range left to C)": lambda: model.check_input_ids(tok, 1, "token_ids", False),
             "  check_state (vouched)": lambda: model.check_state(state, 1),
             "  check_state (unvouched, full)": lambda: model.check_state(outside, 1, check_values=True),
-            "  _step (native)": lambda: model._step(tok, state),
+            "  _native_step": lambda: model._native_step(tok, state),
             "  plan_for": lambda: decode.plan_for(model),
             "  _vouch": lambda: state._vouch(model),
             "  model.dtype": lambda: model.dtype,

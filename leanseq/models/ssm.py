@@ -163,6 +163,9 @@ class SSMLanguageModel(LanguageModel):
     def _forward(self, input_ids, state):
         return self._run(self.backbone.embeddings(input_ids), state, step=False)
 
+    def _native_step(self, token_ids, state):
+        return decode.try_step(self, token_ids, state)  # the C entry checks the ids' range before any read
+
     def _step(self, token_ids, state):
         # the compiled whole-step kernel when it applies (leanseq.ops.decode says when); else the eager layers
         out = decode.try_step(self, token_ids, state)

@@ -134,7 +134,11 @@ def outputs(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def assert_same_outputs(got: dict, expected: dict) -> None:
     for key, want in expected.items():
-        torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+        # steps: a weight changed into a strided view sends the model to the eager step while the freshly
+        # built one takes the native step; the two agree to ~1e-5 relative on these logits (up to ~10), and a
+        # stale weight shows as > 1e-3 (checked above)
+        tol = 1e-4 if key == "step" else 1e-5
+        torch.testing.assert_close(got[key], want, rtol=tol, atol=tol, msg=lambda m, k=key: f"{k}: {m}")
 
 
 # the compiled kernel is Mamba-1's scan; Mamba-2 always takes the PyTorch path
