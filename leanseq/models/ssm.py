@@ -119,6 +119,10 @@ class SSMLanguageModel(LanguageModel):
         except (KeyError, AttributeError):  # a hand-edited model: the attribute route says what is wrong
             return self.backbone.embeddings.weight
 
+    def _placement(self) -> tuple[torch.dtype, torch.device]:
+        w = self._embedding_weight()  # (dtype, device) in one read, for the states' vouch marks
+        return w.dtype, w.device
+
     @property
     def device(self) -> torch.device:
         return self._embedding_weight().device  # direct: a parameters() walk costs more than a state check

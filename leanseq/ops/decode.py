@@ -2,7 +2,8 @@
 one call into compiled C (csrc/decode_step.c), float32 or int8 weights.
 
 How it is used: `SSMLanguageModel._step` calls `try_step(model, token_ids, state)`, which returns None whenever
-the eager path must run instead: the kernel is switched off (LEANSEQ_NATIVE=0, `native.set_enabled(False)` or
+the eager path must run instead: the kernel is switched off (LEANSEQ_NATIVE=0, read once on first use;
+`native.set_enabled(False)` or
 `set_enabled(False)` here), there is no compiler, weights or state are not float32 CPU tensors, autograd is
 recording and something requires a gradient, or the model has a part this kernel does not know.
 
@@ -13,7 +14,8 @@ parameters' own memory, and in-place edits (optimizer steps, `load_state_dict`, 
 (A = -exp(A_log) is recomputed inside the step; it costs one exp per (channel, state) per layer, as much as
 the scan itself already does). What a plan can get wrong is only *which* tensors it points at, so before each
 step it checks, in a few microseconds, that every module, parameter and buffer of the model is still the same
-object at the same address (a replaced Linear, a `param.data = other` swap or a `.to()` rebuild the plan).
+object at the same address with the same strides (a replaced Linear, a `param.data = other` swap, a view such
+as `param.data = param.data.t()` or a `.to()` rebuild the plan).
 `model.invalidate_native()` drops the plan explicitly.
 
 State. The kernel reads the old conv and SSM state and writes new tensors, so the caller's state is never
