@@ -1,9 +1,9 @@
 """A native decode step for Mamba-1 and Mamba-2: the whole model.step (every layer, final norm, LM head) in
 one call into compiled C (csrc/decode_step.c), float32 or int8 weights.
 
-How it is used: `SSMLanguageModel._step` calls `try_step(model, token_ids, state)`, which returns None whenever
-the eager path must run instead: the kernel is switched off (LEANSEQ_NATIVE=0, read once on first use;
-`native.set_enabled(False)` or
+How it is used: `model.step` (through `SSMLanguageModel._native_step`) and `SSMLanguageModel._step` call
+`try_step(model, token_ids, state)`, which returns None whenever the eager path must run instead: the kernel is
+switched off (LEANSEQ_NATIVE=0, read once on first use; `native.set_enabled(False)` or
 `set_enabled(False)` here), there is no compiler, weights or state are not float32 CPU tensors, autograd is
 recording and something requires a gradient, or the model has a part this kernel does not know.
 
