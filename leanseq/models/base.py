@@ -97,7 +97,10 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
             total += p.numel()
         return total
 
-    def check_input_ids(self, input_ids, rank: int = 2, what: str = "input_ids") -> None:
+    def check_input_ids(self, input_ids, rank: int = 2, what: str = "input_ids", check_range: bool = True) -> None:
+        """Refuse anything but a (batch, seq_len) (rank 2) or (batch,) (rank 1) tensor of integer token ids in
+        [0, vocab_size). check_range=False leaves the range to the caller (model.step: the native kernel checks
+        it, and refuses with this method's own error)."""
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"{what} must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
         if input_ids.dtype.is_floating_point or input_ids.dtype in (torch.bool, torch.complex64, torch.complex128):
@@ -107,6 +110,8 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
             raise ValueError(f"{what} must have shape {shape}, got {tuple(input_ids.shape)}")
         if input_ids.numel() == 0:
             raise ValueError(f"{what} is empty (shape {tuple(input_ids.shape)}); pass at least one token")
+        if not check_range:
+            return
         lo, hi = (int(v) for v in torch.aminmax(input_ids))
         if lo < 0 or hi >= self.vocab_size:
             bad = lo if lo < 0 else hi
@@ -166,9 +171,14 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
 
     def step(self, token_ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Consume one token per row: token_ids (B,) -> (logits (B, V), new state)."""
-        self.check_input_ids(token_ids, rank=1, what="token_ids")
+        self.check_input_ids(token_ids, rank=1, what="token_ids", check_range=False)
         self.check_state(state, token_ids.shape[0])
-        logits, new_state = self._step(token_ids.long(), state)
+        token_ids = token_ids.long()
+        out = self._native_step(token_ids, state)  # range-checks the ids itself, with check_input_ids' error
+        if out is None:
+            self.check_input_ids(token_ids, rank=1, what="token_ids")
+            out = self._step(token_ids, state)
+        logits, new_state = out
         new_state._vouch(self)
         return logits, new_state
 
@@ -180,6 +190,12 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
         value = source["eos_token_id"]
         ids = value if isinstance(value, list) else [] if value is None else [value]
         return [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.vocab_size]
+
+    def _native_step(self, token_ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State] | None:
+        """A compiled whole step for model.step, or None to run `_step`. Gets a checked state and int64 ids of
+        the right shape whose range is NOT checked yet: it must refuse an id outside the vocabulary with
+        check_input_ids' ValueError before anything reads it."""
+        return None
 
     def generate_stream(
         self,

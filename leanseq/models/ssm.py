@@ -111,13 +111,25 @@ class SSMLanguageModel(LanguageModel):
             ssm=torch.zeros(n_layers, batch_size, *ssm_shape, dtype=torch.float32, device=device),
         )
 
+    def _embedding_weight(self) -> torch.Tensor:
+        """backbone.embeddings.weight, read from the modules' own dicts: what the attribute route reads, without
+        three nn.Module.__getattr__ calls (~2 us, and every step reads dtype and device)."""
+        try:
+            return self._modules["backbone"]._modules["embeddings"]._parameters["weight"]
+        except (KeyError, AttributeError):  # a hand-edited model: the attribute route says what is wrong
+            return self.backbone.embeddings.weight
+
+    def _placement(self) -> tuple[torch.dtype, torch.device]:
+        w = self._embedding_weight()  # (dtype, device) in one read, for the states' vouch marks
+        return w.dtype, w.device
+
     @property
     def device(self) -> torch.device:
-        return self.backbone.embeddings.weight.device  # direct: a parameters() walk costs more than a state check
+        return self._embedding_weight().device  # direct: a parameters() walk costs more than a state check
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.backbone.embeddings.weight.dtype  # not lm_head: quantize_int8 may make it an Int8Linear
+        return self._embedding_weight().dtype  # not lm_head: quantize_int8 may make it an Int8Linear
 
     def state_spec(self, batch_size: int) -> dict[str, TensorSpec]:
         n_layers = self.config.num_hidden_layers
@@ -159,6 +171,9 @@ class SSMLanguageModel(LanguageModel):
 
     def _forward_last(self, input_ids, state, n):
         return self._run(self.backbone.embeddings(input_ids), state, step=False, last=n)
+
+    def _native_step(self, token_ids, state):
+        return decode.try_step(self, token_ids, state)  # the C entry checks the ids' range before any read
 
     def _step(self, token_ids, state):
         # the compiled whole-step kernel when it applies (leanseq.ops.decode says when); else the eager layers

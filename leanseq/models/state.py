@@ -8,7 +8,9 @@ for every model lets streams be saved, restored, batched together and split apar
 from __future__ import annotations
 
 import dataclasses
+import operator
 import weakref
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -40,7 +42,8 @@ class State:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """All tensor fields by name (position included)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        names, get = _fields_of(type(self))
+        return dict(zip(names, get(self)))
 
     @property
     def batch_size(self) -> int:
@@ -55,28 +58,37 @@ class State:
     # holds the exact tensor objects (weakly) and their version counters, so it lapses when a field is
     # replaced or written in place; shapes, dtypes and devices are checked on every call regardless.
     # Inference-mode tensors have no version counter: for them only replacement is noticed.
+    # The mark is a tuple of weak references and one of versions (built and compared with C-level map/zip: a
+    # decode step of a tiny model is a few tens of microseconds, so this check must cost well under one).
     def _trust(self) -> None:
-        self._trusted_tensors = tuple((weakref.ref(t), _version(t)) for t in self.tensors().values())
+        tensors = _fields_of(type(self))[1](self)
+        self._trusted_tensors = tuple(map(weakref.ref, tensors))
+        self._trusted_versions = _versions(tensors)
 
     def _vouch(self, model) -> None:
         """Mark this state as `model`'s own output: while none of its tensors changes and the model keeps its
         dtype and device, check_state may skip it altogether (a decode step is then not taxed by the check)."""
         self._trust()
-        self._vouched_by = (weakref.ref(model), model.dtype, model.device)
+        self._vouched_by = (weakref.ref(model), _placement(model))
 
     def _vouched_for(self, model) -> bool:
         mark = getattr(self, "_vouched_by", None)
-        return (mark is not None and mark[0]() is model and mark[1] == model.dtype and mark[2] == model.device
-                and self._is_trusted())
+        return mark is not None and mark[0]() is model and mark[1] == _placement(model) and self._is_trusted()
 
     def _is_trusted(self) -> bool:
-        marks = getattr(self, "_trusted_tensors", None)
-        if marks is None:
+        refs = getattr(self, "_trusted_tensors", None)
+        if refs is None:
             return False
-        tensors = [getattr(self, f.name, None) for f in dataclasses.fields(self)]
-        return len(marks) == len(tensors) and all(
-            ref() is t and _version(t) == version for (ref, version), t in zip(marks, tensors)
-        )
+        try:
+            tensors = _fields_of(type(self))[1](self)
+        except AttributeError:  # a field deleted
+            return False
+        if len(refs) != len(tensors):
+            return False
+        for ref, t in zip(refs, tensors):
+            if ref() is not t:
+                return False
+        return _versions(tensors) == self._trusted_versions
 
     def _map(self, fn_layered, fn_position) -> State:
         out = {}
@@ -120,8 +132,38 @@ class State:
         return joined
 
 
+def _placement(model) -> tuple:
+    """(dtype, device) of a model's weights; models may offer a cheaper `_placement()` than the two properties."""
+    fast = getattr(model, "_placement", None)
+    return fast() if fast is not None else (model.dtype, model.device)
+
+
 def _version(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
+
+
+_get_version = operator.attrgetter("_version")
+
+
+def _versions(tensors) -> tuple[int | None, ...]:
+    try:
+        return tuple(map(_get_version, tensors))
+    except RuntimeError:  # an inference tensor has no version counter
+        return tuple(map(_version, tensors))
+
+
+_FIELDS: dict[type, tuple[tuple[str, ...], Callable[[object], tuple]]] = {}
+
+
+def _fields_of(cls: type) -> tuple[tuple[str, ...], Callable[[object], tuple]]:
+    """A state class's field names and a getter of their values as one tuple (computed once per class:
+    dataclasses.fields costs a couple of microseconds per call)."""
+    got = _FIELDS.get(cls)
+    if got is None:
+        names = tuple(f.name for f in dataclasses.fields(cls))
+        get = operator.attrgetter(*names)
+        got = _FIELDS[cls] = (names, get if len(names) > 1 else lambda obj: (get(obj),))
+    return got
 
 
 def _is_overlapping(t: torch.Tensor) -> bool:

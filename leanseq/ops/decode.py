@@ -1,8 +1,9 @@
 """A native decode step for Mamba-1 and Mamba-2: the whole model.step (every layer, final norm, LM head) in
 one call into compiled C (csrc/decode_step.c), float32 or int8 weights.
 
-How it is used: `SSMLanguageModel._step` calls `try_step(model, token_ids, state)`, which returns None whenever
-the eager path must run instead: the kernel is switched off (LEANSEQ_NATIVE=0, `native.set_enabled(False)` or
+How it is used: `model.step` (through `SSMLanguageModel._native_step`) and `SSMLanguageModel._step` call
+`try_step(model, token_ids, state)`, which returns None whenever the eager path must run instead: the kernel is
+switched off (LEANSEQ_NATIVE=0, read once on first use; `native.set_enabled(False)` or
 `set_enabled(False)` here), there is no compiler, weights or state are not float32 CPU tensors, autograd is
 recording and something requires a gradient, or the model has a part this kernel does not know.
 
@@ -13,7 +14,8 @@ parameters' own memory, and in-place edits (optimizer steps, `load_state_dict`, 
 (A = -exp(A_log) is recomputed inside the step; it costs one exp per (channel, state) per layer, as much as
 the scan itself already does). What a plan can get wrong is only *which* tensors it points at, so before each
 step it checks, in a few microseconds, that every module, parameter and buffer of the model is still the same
-object at the same address (a replaced Linear, a `param.data = other` swap or a `.to()` rebuild the plan).
+object at the same address with the same strides (a replaced Linear, a `param.data = other` swap, a view such
+as `param.data = param.data.t()` or a `.to()` rebuild the plan).
 `model.invalidate_native()` drops the plan explicitly.
 
 State. The kernel reads the old conv and SSM state and writes new tensors, so the caller's state is never
@@ -22,8 +24,10 @@ modified (users branch from old states) and nothing is copied twice.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import math
+import operator
 import os
 import threading
 from pathlib import Path
@@ -63,11 +67,19 @@ def set_enabled(flag: bool | None) -> None:
     _enabled = flag
 
 
+_env_enabled: bool | None = None  # LEANSEQ_NATIVE, read once on first use (os.environ.get costs ~0.7 us a step)
+
+
 def enabled() -> bool:
+    global _env_enabled
     if _enabled is not None:
         return _enabled
     flag = getattr(native, "_enabled", None)  # the scan kernel's switch (native.set_enabled) covers this too
-    return flag if flag is not None else os.environ.get("LEANSEQ_NATIVE", "1") != "0"
+    if flag is not None:
+        return flag
+    if _env_enabled is None:
+        _env_enabled = os.environ.get("LEANSEQ_NATIVE", "1") != "0"
+    return _env_enabled
 
 
 def _declare(lib) -> None:
@@ -78,6 +90,9 @@ def _declare(lib) -> None:
     fn.argtypes = ([ctypes.c_void_p, ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2
                    + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 8
                    + [ctypes.c_int64])
+    packed = lib.leanseq_ssm_decode_packed
+    packed.restype = ctypes.c_int
+    packed.argtypes = [ctypes.c_void_p, ctypes.c_int64]  # the same arguments packed into one int64 array
     g = lib.leanseq_gemv
     g.restype = ctypes.c_int
     g.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
@@ -146,28 +161,36 @@ def _need(t, shape, what, dtype=torch.float32):
     return t
 
 
-def _layout(t: torch.Tensor) -> tuple:
-    return t.data_ptr(), t.shape, t.stride(), t.dtype
-
-
 def _snapshot(model: nn.Module):
-    """Every (container dict, key, object) of the module tree, and every tensor with its address and layout
-    (`p.data = p.data.t()` keeps the address but not the shape or strides the plan read)."""
-    objs, tensors = [], []
-    for module in model.modules():
-        for d in (module._modules, module._parameters, module._buffers):
-            for key, value in d.items():
-                objs.append((d, key, value))
-                if isinstance(value, torch.Tensor):
-                    tensors.append((value, _layout(value)))
-    return objs, tensors
+    """Every (container dict, key, object) of the module tree (modules, parameters, buffers); every distinct
+    tensor among the objects; their addresses and strides (see Plan.fresh)."""
+    edges = tuple((d, key, value) for module in model.modules()
+                  for d in (module._modules, module._parameters, module._buffers) for key, value in d.items())
+    tensors = tuple({id(v): v for _, _, v in edges if isinstance(v, torch.Tensor)}.values())
+    return edges, tensors, _addresses(tensors), _layouts(tensors)
+
+
+_data_ptr, _stride, _shape = torch.Tensor.data_ptr, torch.Tensor.stride, operator.attrgetter("shape")
+
+
+def _addresses(tensors) -> tuple[int, ...]:
+    return tuple(map(_data_ptr, tensors))
+
+
+def _layouts(tensors) -> tuple[tuple, ...]:
+    """Strides and shapes: a same-address view keeps neither (`.t()`, expand, a narrowed first dimension)."""
+    return tuple(map(_stride, tensors)), tuple(map(_shape, tensors))
+
+
+_requires_grad = operator.attrgetter("requires_grad")
 
 
 class Plan:
     """Sizes and weight pointers of one model, plus its scratch buffer. Built by `plan_for`."""
 
     def __init__(self, model):
-        self.objs, self.tensors = _snapshot(model)
+        # strong references: while the plan lives no object it saw can be freed (nor its id reused)
+        self.edges, self.tensors, self.addresses, self.tensor_layouts = _snapshot(model)
         self.error: str | None = None
         try:
             self._build(model)
@@ -175,15 +198,24 @@ class Plan:
             self.error = str(exc)
 
     def fresh(self) -> bool:
-        """Whether the model still has exactly the modules and tensors (same addresses, shapes, strides and
-        dtypes) seen at build."""
-        for d, key, obj in self.objs:
-            if d.get(key) is not obj:
-                return False
-        for t, layout in self.tensors:
-            if _layout(t) != layout:
-                return False
-        return True
+        """Whether the model still has exactly the modules and tensors seen at build, each at the same address
+        with the same strides and shape: a replaced module, parameter or buffer (`mixer.x_proj = ...`,
+        load_state_dict(assign=True), a deleted one) fails the first test; a swapped storage (`p.data = other`,
+        `.to()`) the second; a view of the same memory (`p.data = p.data.t()`, an expanded or narrowed view)
+        the third.
+        Runs before every step, ~4 us for the demo model's 51 entries and 22 tensors."""
+        try:
+            for d, key, obj in self.edges:
+                if d[key] is not obj:
+                    return False
+        except KeyError:
+            return False
+        tensors = self.tensors
+        return _addresses(tensors) == self.addresses and _layouts(tensors) == self.tensor_layouts
+
+    def trainable(self) -> bool:
+        """Whether any weight the kernel reads requires a gradient (read live: requires_grad_ may change)."""
+        return any(map(_requires_grad, self.keep))
 
     def _build(self, model) -> None:
         cfg = model.config
@@ -271,7 +303,6 @@ class Plan:
         unique = {id(t): t for t in keep}
         embed_only = 0 if head[0] is embed else embed.numel() * 4  # a step reads B rows of the embedding
         self.weight_bytes = sum(t.numel() * t.element_size() for t in unique.values()) - embed_only
-        self.params = [t for t in keep if t.requires_grad]
         self.scratch = torch.empty(0)
         self.layouts: dict = {}
         self.args_fixed = (self.cfg.data_ptr(), len(_CFG), self.fp.data_ptr(), len(_FP), self.ptrs.data_ptr())
@@ -279,9 +310,11 @@ class Plan:
     def threads(self, batch: int) -> int:
         if THREADS is not None:
             return THREADS
+        return min(torch.get_num_threads(), self.thread_cap(batch))
+
+    def thread_cap(self, batch: int) -> int:
         # a second thread pays for its barriers (~1 us each, 5 per layer) only when there is real work
-        work = self.weight_bytes * (1 + batch / 4)
-        return max(1, min(torch.get_num_threads(), int(work // 1_000_000)))
+        return max(1, int(self.weight_bytes * (1 + batch / 4) // 1_000_000))
 
 
 def plan_for(model, plan_class=None) -> Plan:
@@ -304,53 +337,68 @@ def _refuse_shape(t: torch.Tensor, shape, what: str):
 
 
 def _batch_layout(plan: Plan, batch: int):
-    """Per batch size, computed once: expected state shapes, the sizes the C entry checks, scratch floats."""
+    """Per batch size, computed once: expected state shapes, the sizes the C entry checks, the scratch floats,
+    the head of the packed argument array (everything up to B) and the most threads the work pays for."""
     L, CC, W = plan.conv_shape
     conv = torch.Size((L, batch, CC, W))
     ssm = torch.Size((L, batch, *plan.ssm_row))
     need = batch * plan.per_row + plan.fixed
-    sizes = (ctypes.c_int64 * 10)(batch, conv.numel(), ssm.numel(), conv.numel(), ssm.numel(), batch, batch,
-                                  batch * plan.vocab, need, plan.ptrs.numel())
-    layout = (conv, ssm, sizes, need)
+    sizes = (ctypes.c_int64 * len(_SIZES))(batch, conv.numel(), ssm.numel(), conv.numel(), ssm.numel(), batch,
+                                           batch, batch * plan.vocab, need, plan.ptrs.numel())
+    head = (*plan.args_fixed, ctypes.addressof(sizes), len(_SIZES))
+    layout = (conv, ssm, sizes, need, head, plan.thread_cap(batch))
     plan.layouts[batch] = layout
     return layout
 
 
-_F32 = torch.float32
+_F32, _I64 = torch.float32, torch.int64
+_SIZES = ("tokens", "conv_old", "ssm_old", "conv_new", "ssm_new", "pos_old", "pos_new", "logits", "scratch", "ptrs")
+_PACKED_LEN = 18  # A_LEN in csrc/decode_step.c
+_TOKEN_RANGE = 11
 
 
 def try_step(model, token_ids: torch.Tensor, state):
-    """(logits (B, V), new state) from the native kernel, or None when the eager step must run."""
-    if not enabled() or not token_ids.is_cpu:
+    """(logits (B, V), new state) from the native kernel, or None when the eager step must run.
+
+    Token ids are range-checked by the C entry (before it reads anything); an id outside the vocabulary is
+    refused with check_input_ids' own ValueError. This runs on every decode step, so it is written for a
+    tiny model's ~12 us kernel: one dict lookup per cached thing, one ctypes argument (a packed array)."""
+    if not (enabled() and token_ids.is_cpu):
         return None
-    plan = plan_for(model)
-    if plan.error is not None or library() is None:
+    plan = model.__dict__.get("_native_decode_plan")
+    if plan is None or not plan.fresh():
+        plan = plan_for(model)
+    if plan.error is not None or (_lib is None and library() is None):
         return None
     conv, ssm, pos = state.conv, state.ssm, state.position
-    if torch.is_grad_enabled() and (conv.requires_grad or ssm.requires_grad or any(p.requires_grad for p in plan.params)):
+    if torch.is_grad_enabled() and (conv.requires_grad or ssm.requires_grad or plan.trainable()):
         return None  # autograd wants a graph: the eager ops record one
     batch = token_ids.shape[0]
-    conv_shape, ssm_shape, sizes, need = plan.layouts.get(batch) or _batch_layout(plan, batch)
+    conv_shape, ssm_shape, _, need, head, cap = plan.layouts.get(batch) or _batch_layout(plan, batch)
     if conv.dtype != _F32 or ssm.dtype != _F32 or not (conv.is_cpu and ssm.is_cpu and pos.is_cpu):
         return None  # not float32 CPU state: the eager path handles (or refuses) it
     if conv.shape != conv_shape:
         _refuse_shape(conv, conv_shape, "conv")  # wrong sizes never reach native code
     if ssm.shape != ssm_shape:
         _refuse_shape(ssm, ssm_shape, "ssm")
-    if pos.dtype != torch.int64 or pos.shape != token_ids.shape:
+    if pos.dtype != _I64 or pos.shape != token_ids.shape or token_ids.dtype != _I64:
         return None
     conv, ssm, pos, tokens = conv.contiguous(), ssm.contiguous(), pos.contiguous(), token_ids.contiguous()
     scratch = plan.scratch
     if scratch.numel() < need:
         scratch = plan.scratch = torch.empty(need)
-    new_conv, new_ssm, new_pos = torch.empty(conv_shape), torch.empty(ssm_shape), torch.empty_like(pos)
+    # empty_like of the contiguous old tensors: the same shapes, and cheaper than torch.empty(shape)
+    new_conv, new_ssm, new_pos = torch.empty_like(conv), torch.empty_like(ssm), torch.empty_like(pos)
     logits = torch.empty(batch, plan.vocab)
-    rc = _lib.leanseq_ssm_decode_step(
-        *plan.args_fixed, sizes, 10, tokens.data_ptr(), batch, conv.data_ptr(), ssm.data_ptr(),
-        new_conv.data_ptr(), new_ssm.data_ptr(), pos.data_ptr(), new_pos.data_ptr(), logits.data_ptr(),
-        scratch.data_ptr(), plan.threads(batch),
-    )
+    threads = THREADS if THREADS is not None else min(torch.get_num_threads(), cap)
+    # one int64 array per call (not a shared one: two threads may step models sharing this plan)
+    args = array.array("q", (*head, tokens.data_ptr(), batch, conv.data_ptr(), ssm.data_ptr(), new_conv.data_ptr(),
+                             new_ssm.data_ptr(), pos.data_ptr(), new_pos.data_ptr(), logits.data_ptr(),
+                             scratch.data_ptr(), threads))
+    rc = _lib.leanseq_ssm_decode_packed(args.buffer_info()[0], _PACKED_LEN)
     if rc != 0:
+        if rc == _TOKEN_RANGE:
+            model.check_input_ids(token_ids, rank=1, what="token_ids")  # raises its usual ValueError
         raise RuntimeError(f"native decode step refused its inputs: {_ERRORS.get(rc, rc)} (code {rc})")
     return logits, type(state)(position=new_pos, conv=new_conv, ssm=new_ssm)
 

@@ -112,7 +112,6 @@ class TransformerPlan(Plan):
         if not rope:
             embed_only += g["pos_embed"].numel() * 4
         self.weight_bytes = sum(t.numel() * t.element_size() for t in unique.values()) - embed_only
-        self.params = [t for t in keep if t.requires_grad]
         self.scratch = torch.empty(0)
         self.layouts = {}
         self.args_fixed = (self.cfg.data_ptr(), len(_CFG), self.fp.data_ptr(), 1, self.ptrs.data_ptr())
@@ -133,7 +132,7 @@ def try_step(model, token_ids: torch.Tensor, state):
     if model.training and model.config.attention_dropout > 0:
         return None  # dropout on the attention weights: only the eager path draws it
     k, v, pos = state.k, state.v, state.position
-    if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or any(p.requires_grad for p in plan.params)):
+    if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or plan.trainable()):
         return None  # autograd wants a graph (and the eager step then writes into copies)
     if k.dtype != _F32 or v.dtype != _F32 or not (k.is_cpu and v.is_cpu and pos.is_cpu) or pos.dtype != torch.int64:
         return None  # the eager path handles (or refuses, with its own message) anything else

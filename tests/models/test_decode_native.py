@@ -170,7 +170,8 @@ def test_sizes_are_checked_before_native_code():
     bad.ssm = bad.ssm[:, :, :2].contiguous()
     with torch.no_grad(), pytest.raises(ValueError, match="state.ssm has shape"):
         decode.try_step(model, torch.tensor([1, 2]), bad)
-    with torch.no_grad(), pytest.raises(RuntimeError, match="outside the vocabulary"):  # the C entry checks
+    # the C entry checks the range; the error is check_input_ids' own
+    with torch.no_grad(), pytest.raises(ValueError, match=r"token_ids holds token id 1000000, outside the vocabulary \[0, 37\)"):
         decode.try_step(model, torch.tensor([1, 10**6]), model.init_state(2))
     plan, lib = model._native_decode_plan, decode.library()
     sizes = (ctypes.c_int64 * 10)(1, 5, 5, 5, 5, 1, 1, 37, 10**6, plan.ptrs.numel())  # wrong conv size

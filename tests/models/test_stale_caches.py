@@ -133,11 +133,12 @@ def outputs(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def assert_same_outputs(got: dict, expected: dict) -> None:
-    # atol 1e-4 on logits of magnitude ~10: a changed model may take another (equally exact) path than the
-    # fresh one (a transposed A_log view is not contiguous, so its steps leave the native kernel for the eager
-    # ops), and the two round differently in float32. Stale weights move the outputs by far more (checked).
     for key, want in expected.items():
-        torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-4, msg=lambda m, k=key: f"{k}: {m}")
+        # steps: a weight changed into a strided view sends the model to the eager step while the freshly
+        # built one takes the native step; the two agree to ~1e-5 relative on these logits (up to ~10), and a
+        # stale weight shows as > 1e-3 (checked above)
+        tol = 1e-4 if key == "step" else 1e-5
+        torch.testing.assert_close(got[key], want, rtol=tol, atol=tol, msg=lambda m, k=key: f"{k}: {m}")
 
 
 # the compiled kernel is Mamba-1's scan; Mamba-2 always takes the PyTorch path

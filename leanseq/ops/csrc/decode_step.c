@@ -564,6 +564,22 @@ int leanseq_ssm_decode_step(const int64_t *cfg, int64_t cfg_len, const double *f
     return 0;
 }
 
+/* The same step with its arguments packed into one int64 array (one ctypes argument instead of eighteen: the
+ * conversions cost more than a tiny model's whole step). Slots, in leanseq_ssm_decode_step's order: */
+enum { A_CFG, A_CFG_LEN, A_FP, A_FP_LEN, A_PTRS, A_SIZES, A_SIZES_LEN, A_TOKENS, A_B, A_CONV_OLD, A_SSM_OLD,
+       A_CONV_NEW, A_SSM_NEW, A_POS_OLD, A_POS_NEW, A_LOGITS, A_SCRATCH, A_THREADS, A_LEN };
+int leanseq_ssm_decode_packed(const int64_t *a, int64_t len) {
+    if (len != A_LEN) return 1;
+#define P_(T, i) ((T)(intptr_t)a[i])
+    return leanseq_ssm_decode_step(P_(const int64_t *, A_CFG), a[A_CFG_LEN], P_(const double *, A_FP), a[A_FP_LEN],
+                                   P_(void *const *, A_PTRS), P_(const int64_t *, A_SIZES), a[A_SIZES_LEN],
+                                   P_(const int64_t *, A_TOKENS), a[A_B], P_(const float *, A_CONV_OLD),
+                                   P_(const float *, A_SSM_OLD), P_(float *, A_CONV_NEW), P_(float *, A_SSM_NEW),
+                                   P_(const int64_t *, A_POS_OLD), P_(int64_t *, A_POS_NEW), P_(float *, A_LOGITS),
+                                   P_(float *, A_SCRATCH), a[A_THREADS]);
+#undef P_
+}
+
 /* Bandwidth/gemv probe for benchmarks: y = W x for one (rows, cols) matrix, float32 or int8 (scale != NULL). */
 typedef struct { mat_t m; const float *x; float *y; int64_t B; int sense0; } gemv_ctx;
 static void gemv_job(void *vctx, int tid, int nth) {

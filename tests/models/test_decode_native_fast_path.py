@@ -1,0 +1,162 @@
+"""The tiny-model fast path of model.step (native kernel): what it skips it still guarantees.
+
+The token range is left to the C entry (its refusal becomes check_input_ids' own error), a state the model
+returned skips validation only while untouched, and the plan notices every way weights can be swapped.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+
+import pytest
+import torch
+
+import leanseq
+from leanseq.ops import decode
+
+
+@pytest.fixture
+def model():
+    decode.set_enabled(True)
+    if decode.library() is None:
+        pytest.skip(decode.status())
+    yield leanseq.load(str(importlib.resources.files("leanseq") / "data" / "induction-mamba"))
+    decode.set_enabled(None)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("bad", [99, -1, 16])
+def test_bad_token_id_gives_the_clear_message_on_both_paths(model, native, bad):
+    decode.set_enabled(native)
+    state = model.init_state(2)
+    message = rf"token_ids holds token id {bad}, outside the vocabulary \[0, 16\)"
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        model.step(torch.tensor([3, bad]), state)
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        model.step(torch.tensor([3, bad], dtype=torch.int32), state)  # converted ids too
+    with torch.no_grad():  # the state is untouched and still usable
+        model.step(torch.tensor([3, 4]), state)
+
+
+def test_token_types_and_shapes_are_still_checked_before_the_kernel(model):
+    state = model.init_state(1)
+    with torch.no_grad():
+        with pytest.raises(TypeError, match="integer token ids"):
+            model.step(torch.tensor([1.0]), state)
+        with pytest.raises(ValueError, match="shape"):
+            model.step(torch.tensor([[1]]), state)
+        with pytest.raises(ValueError, match="batch size"):
+            model.step(torch.tensor([1, 2]), state)
+
+
+def _stepped(model):
+    with torch.no_grad():
+        _, state = model.step(torch.tensor([3]), model.init_state(1))
+    assert state._vouched_for(model)
+    return state
+
+
+def _nan_in_place(state):
+    state.ssm[0, 0, 0, 0] = float("nan")
+
+
+def _nan_replaced(state):
+    conv = state.conv.clone()
+    conv[0, 0, 0, 0] = float("inf")
+    state.conv = conv
+
+
+def _nan_position(state):
+    state.position = torch.tensor([-1])
+
+
+@pytest.mark.parametrize("change", [_nan_in_place, _nan_replaced, _nan_position])
+def test_a_vouched_state_changed_afterwards_is_validated_again(model, change):
+    state = _stepped(model)
+    change(state)
+    assert not state._vouched_for(model)
+    with torch.no_grad(), pytest.raises(ValueError, match="NaN or infinite|positions must be >= 0"):
+        model.step(torch.tensor([3]), state)
+
+
+def test_a_vouched_state_lapses_when_the_model_changes_dtype(model):
+    state = _stepped(model)
+    model.double()
+    assert not state._vouched_for(model)
+    with torch.no_grad(), pytest.raises(TypeError, match="dtype"):
+        model.step(torch.tensor([3]), state)
+
+
+def test_the_returned_state_is_new_and_the_input_untouched(model):
+    state = _stepped(model)
+    before = state.clone()
+    with torch.no_grad():
+        _, new = model.step(torch.tensor([5]), state)
+    assert new is not state and all(new.tensors()[k] is not v for k, v in state.tensors().items())
+    for k, v in before.tensors().items():
+        assert torch.equal(v, getattr(state, k)), k
+    assert state._vouched_for(model) and new._vouched_for(model)
+
+
+def _data_other(m):
+    w = m.backbone.layers[0].mixer.in_proj.weight
+    w.data = w.data.clone()
+
+
+def _data_transposed_view(m):
+    a = m.backbone.layers[1].mixer.A_log
+    a.data = a.data.t()  # same address, other layout
+
+
+def _data_expanded_view(m):
+    d = m.backbone.layers[0].mixer.D
+    d.data = d.data.as_strided(d.shape, (0,))
+
+
+def _replaced_module(m):
+    old = m.backbone.layers[0].mixer.x_proj
+    new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+    new.load_state_dict(old.state_dict())
+    m.backbone.layers[0].mixer.x_proj = new
+
+
+def _assign(m):
+    m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True)
+
+
+def _to(m):
+    m.to(torch.float64).to(torch.float32)
+
+
+def _deleted(m):
+    del m.backbone.layers[0].mixer.x_proj
+
+
+@pytest.mark.parametrize("change", [_data_other, _data_transposed_view, _data_expanded_view, _replaced_module,
+                                    _assign, _to, _deleted])
+def test_plan_is_stale_after_every_kind_of_swap(model, change):
+    _stepped(model)
+    plan = model._native_decode_plan
+    assert plan.fresh()
+    change(model)
+    assert not plan.fresh()
+
+
+def test_plan_notices_requires_grad_switched_on_after_build(model):
+    model.requires_grad_(False)
+    state = _stepped(model)
+    model.requires_grad_(True)
+    with torch.enable_grad():
+        assert decode.try_step(model, torch.tensor([3]), state) is None  # eager, so gradients flow
+        logits, _ = model.step(torch.tensor([3]), state)
+    assert logits.requires_grad
+
+
+def test_native_and_eager_agree_through_the_fast_path(model):
+    ids = torch.randint(0, 16, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids)
+        state = model.init_state(2)
+        for t in range(ids.shape[1]):
+            logits, state = model.step(ids[:, t], state)
+            torch.testing.assert_close(logits, full[:, t], rtol=1e-4, atol=1e-4)
