@@ -6,30 +6,12 @@ import argparse
 import dataclasses
 import sys
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+from leanseq.argtypes import positive_float, positive_int
 
 
 def _common(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--out", default=default_out, help=f"output folder (default {default_out})")
-    p.add_argument("--threads", type=_positive_int, default=2, help="torch threads (default 2)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of model init and training streams")
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (tiny lengths, 3 steps)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -48,24 +30,24 @@ def register(subparsers) -> None:
         "from --out/train/<model>/ when a run is there, so a rerun with more --steps continues it.",
     )
     _common(p, "leanseq-out/repro/induction")
-    p.add_argument("--steps", type=_positive_int, default=None, help="Mamba training steps (default 2000)")
-    p.add_argument("--transformer-steps", type=_positive_int, default=None,
+    p.add_argument("--steps", type=positive_int, default=None, help="Mamba training steps (default 2000)")
+    p.add_argument("--transformer-steps", type=positive_int, default=None,
                    help="training steps of each transformer (default 2000)")
-    p.add_argument("--lr", type=_positive_float, default=None, help="Mamba learning rate (default 3e-3)")
-    p.add_argument("--transformer-lr", type=_positive_float, default=None, help="transformer lr (default 1e-3)")
+    p.add_argument("--lr", type=positive_float, default=None, help="Mamba learning rate (default 3e-3)")
+    p.add_argument("--transformer-lr", type=positive_float, default=None, help="transformer lr (default 1e-3)")
     p.add_argument("--models", default=None, help="comma-separated subset of mamba,mha-abs,mha-rope")
     p.add_argument("--curriculum", type=parse_curriculum, default=None,
                    help="stages trained first, e.g. 64x32:500 = 500 steps of batch 32 at length 64 "
                    "(comma-separated, shortest first; for every model unless --transformer-curriculum is given)")
     p.add_argument("--transformer-curriculum", type=parse_curriculum, default=None,
                    help="the transformers' own curriculum (default: --curriculum)")
-    p.add_argument("--max-len", type=_positive_int, default=None, help="longest test length (default 2^20)")
-    p.add_argument("--eval-tokens", type=_positive_int, default=None,
+    p.add_argument("--max-len", type=positive_int, default=None, help="longest test length (default 2^20)")
+    p.add_argument("--eval-tokens", type=positive_int, default=None,
                    help="tokens per model and length; samples = this / length within [min, max] (default 65536)")
-    p.add_argument("--min-samples", type=_positive_int, default=None, help="fewest sequences per length (default 2)")
-    p.add_argument("--time-budget", type=_positive_float, default=None,
+    p.add_argument("--min-samples", type=positive_int, default=None, help="fewest sequences per length (default 2)")
+    p.add_argument("--time-budget", type=positive_float, default=None,
                    help="seconds per transformer and length before it is skipped (default 120)")
-    p.add_argument("--memory-budget-gb", type=_positive_float, default=None,
+    p.add_argument("--memory-budget-gb", type=positive_float, default=None,
                    help="GB per transformer evaluation batch before it is skipped (default 8)")
     p.set_defaults(func=run_induction_command)
 
@@ -76,10 +58,10 @@ def register(subparsers) -> None:
         "repro_selective_copy.md, .json and .png to --out.",
     )
     _common(p, "leanseq-out/repro/selective-copy")
-    p.add_argument("--steps", type=_positive_int, default=None, help="training steps per model (default 2000)")
-    p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default 3e-3)")
-    p.add_argument("--seq-len", type=_positive_int, default=None, help="context length (default 256; paper 4096)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="sequences per step (default 8)")
+    p.add_argument("--steps", type=positive_int, default=None, help="training steps per model (default 2000)")
+    p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default 3e-3)")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="context length (default 256; paper 4096)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="sequences per step (default 8)")
     p.add_argument("--models", default=None, help="comma-separated subset of lti,selective")
     p.add_argument("--curriculum", type=parse_curriculum, default=None,
                    help="stages trained first at shorter contexts, e.g. 32x64:500 (the same for both models)")

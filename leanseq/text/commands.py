@@ -2,30 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
 
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+from leanseq.argtypes import positive_float, positive_int
 
 
 def register(subparsers) -> None:
@@ -42,19 +23,19 @@ def register(subparsers) -> None:
         "race.json, race.md and race.png go to --out. A rerun with the same settings resumes. Needs the "
         "corpus: make setup (or python -m leanseq.text.corpus prepare).",
     )
-    p.add_argument("--budget-joules", type=_positive_float, default=None,
+    p.add_argument("--budget-joules", type=positive_float, default=None,
                    help="training energy per model (default 3000; --quick: 20)")
     p.add_argument("--family", choices=("mamba", "mamba2"), default="mamba", help="the SSM side (default mamba)")
-    p.add_argument("--slices", type=_positive_int, default=None,
+    p.add_argument("--slices", type=positive_int, default=None,
                    help="evaluation points per model; the models alternate after each (default 12)")
-    p.add_argument("--seq-len", type=_positive_int, default=None, help="bytes per training window (default 2048)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="windows per step (default 2)")
-    p.add_argument("--state-size", type=_positive_int, default=None, help="the SSM's state size N (default 8)")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="bytes per training window (default 2048)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="windows per step (default 2)")
+    p.add_argument("--state-size", type=positive_int, default=None, help="the SSM's state size N (default 8)")
     p.add_argument("--out", default="leanseq-out/lm-race", help="output folder (default leanseq-out/lm-race)")
     p.add_argument("--source", default=None,
                    help="the bytes: module:function(split) or a folder with train.txt and validation.txt "
                    "(default: the Shakespeare corpus)")
-    p.add_argument("--threads", type=_positive_int, default=2, help="torch threads (default 2)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run: tiny models, 20 J")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

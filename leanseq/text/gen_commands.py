@@ -16,29 +16,13 @@ import math
 import sys
 import time
 
+from leanseq.argtypes import int_at_least, positive_int
+
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-        return value
-    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _number(low: float, high: float | None = None, *, open_low: bool = False):
@@ -67,11 +51,11 @@ def _stop_string(text: str) -> str:
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("-m", "--model", default=None,
                    help="checkpoint folder or Hugging Face Hub id in the local cache (default: the bundled tiny one)")
-    p.add_argument("-n", "--max-new-tokens", type=_int_at_least(0), default=max_new_tokens,
+    p.add_argument("-n", "--max-new-tokens", type=int_at_least(0), default=max_new_tokens,
                    help=f"tokens to generate at most (default {max_new_tokens})")
     p.add_argument("-t", "--temperature", type=_number(0.0), default=None,
                    help="sampling temperature; without it (or 0) generation is greedy")
-    p.add_argument("--top-k", type=_int_at_least(1), default=None, help="sample among the k likeliest (needs -t)")
+    p.add_argument("--top-k", type=int_at_least(1), default=None, help="sample among the k likeliest (needs -t)")
     p.add_argument("--top-p", type=_number(0.0, 1.0, open_low=True), default=None,
                    help="nucleus sampling: the likeliest tokens holding this much probability (needs -t)")
     p.add_argument("--repetition-penalty", type=_number(0.0, open_low=True), default=None,
@@ -80,7 +64,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> N
     p.add_argument("--stop", action="append", type=_stop_string, default=[], metavar="TEXT",
                    help="stop when this text is generated (repeatable; may span tokens; not printed; \\n allowed)")
     p.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-text token")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
 
 
 def register(subparsers) -> None:
