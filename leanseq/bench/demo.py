@@ -305,7 +305,7 @@ def write_outputs(results: dict, out_dir: str | os.PathLike, command: str | None
 
 # ---- the command --------------------------------------------------------------------------------------------
 def register_demo(subparsers) -> None:
-    from leanseq.bench.repro_commands import _positive_float, _positive_int
+    from leanseq.argtypes import positive_float, positive_int
     from leanseq.energy import add_cli_arguments
 
     p = subparsers.add_parser(
@@ -316,13 +316,13 @@ def register_demo(subparsers) -> None:
     )
     p.add_argument("--out", default="leanseq-out/demo", help="output folder (default leanseq-out/demo)")
     p.add_argument("--train", action="store_true", help="train both models now instead of loading the bundled ones")
-    p.add_argument("--steps", type=_positive_int, default=None, help="with --train: training steps (default 2000)")
-    p.add_argument("--max-len", type=_positive_int, default=2**20, help="longest context (default 2^20)")
-    p.add_argument("--eval-tokens", type=_positive_int, default=DEFAULT_EVAL_TOKENS,
+    p.add_argument("--steps", type=positive_int, default=None, help="with --train: training steps (default 2000)")
+    p.add_argument("--max-len", type=positive_int, default=2**20, help="longest context (default 2^20)")
+    p.add_argument("--eval-tokens", type=positive_int, default=DEFAULT_EVAL_TOKENS,
                    help=f"tokens per model and length; samples = this / length in [1, 32] (default {DEFAULT_EVAL_TOKENS})")
-    p.add_argument("--time-budget", type=_positive_float, default=120.0,
+    p.add_argument("--time-budget", type=positive_float, default=120.0,
                    help="seconds per transformer length before it is skipped (default 120)")
-    p.add_argument("--threads", type=_positive_int, default=2, help="torch threads (default 2)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
     p.add_argument("--quick", action="store_true", help="tiny lengths, for tests")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_cli_arguments(p)
