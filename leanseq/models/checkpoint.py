@@ -26,13 +26,19 @@ from pathlib import Path
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: replaced versions are then deleted at once and readers retry
+    fcntl = None
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 # a scratch copy older than this is removed even when its pid is alive: no save takes an hour, and pids get reused
 LEFTOVER_MAX_AGE_S = 3600.0
-_READ_ATTEMPTS = 20  # a reader retries when the version it pinned was deleted before it could open a file
+_READ_ATTEMPTS = 20
+READER_GRACE_S = 60.0  # how long a writer waits for readers of the version it replaced before leaving it  # a reader retries when the version it pinned was deleted before it could open a file
 
 
 class CheckpointError(ValueError):
@@ -297,6 +303,11 @@ def read_consistently(path: str | os.PathLike, read_fn):
                 continue
             return read_fn(path)  # nothing to pin: read_fn reports what is (not) there
         try:
+            if fcntl is not None:
+                try:  # a shared lock: the writer that replaces this version deletes it only after we are done
+                    fcntl.flock(fd, fcntl.LOCK_SH)
+                except OSError:
+                    pass
             pinned = Path(f"/proc/self/fd/{fd}")
             through_fd = pinned.is_dir()
             try:
@@ -340,6 +351,31 @@ def _being_replaced(path: Path) -> bool:
         return False
 
 
+def _remove_when_unread(old: Path) -> None:
+    """Delete a replaced version once no reader holds it: readers (read_consistently) keep a shared flock on the
+    folder they pinned, so its files are not deleted under them mid-read. After READER_GRACE_S the folder is
+    left for the next save's remove_leftovers rather than waiting on a stuck reader."""
+    try:
+        fd = os.open(old, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        deadline = time.monotonic() + READER_GRACE_S
+        while fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return  # a reader still holds it: the next save removes it (remove_leftovers)
+                time.sleep(0.005)
+            except OSError:
+                break  # a filesystem without flock: delete at once, readers retry (read_consistently)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_dir(path: str | os.PathLike, write_fn) -> Path:
     """Run write_fn(tmp_dir) and move the result to `path` in one rename, so a crash leaves no half checkpoint.
 
@@ -360,12 +396,12 @@ def atomic_write_dir(path: str | os.PathLike, write_fn) -> Path:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if path.is_dir() and not path.is_symlink() and _exchange(tmp, path):
-            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the replaced version
+            _remove_when_unread(tmp)  # tmp now holds the replaced version
         elif path.exists():
             old = path.with_name(scratch_prefix(path, "old") + secrets.token_hex(4))
             os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_when_unread(old)
         else:
             os.replace(tmp, path)
     except BaseException:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
-from leanseq.models.checkpoint import CheckpointError
+from leanseq.models.checkpoint import CheckpointError, _being_replaced
 
 # owner/name as the Hub allows them (letters, digits, - _ .), optionally @revision
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(@[A-Za-z0-9_./-]+)?$")
@@ -27,10 +28,22 @@ def cache_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
+def _reappears(candidate: Path, attempts: int = 20) -> bool:
+    """Whether a missing `candidate` is a folder that another process is replacing (without an atomic exchange
+    it is briefly absent between two renames): it or a writer's scratch copy shows up within ~0.1 s."""
+    for _ in range(attempts):
+        if candidate.exists() or _being_replaced(candidate):
+            return True
+        time.sleep(0.005)
+    return False
+
+
 def resolve(path: str | os.PathLike) -> Path:
     """`path` itself when it exists; a Hub id's snapshot folder from the local cache; else a clear error."""
     candidate = Path(path)
     text = os.fspath(path)
+    if not candidate.exists() and _reappears(candidate):
+        return candidate  # a local folder mid-replacement: leanseq.load's reader handles it
     if candidate.exists() or not HUB_ID.match(text) or text.startswith((".", "/")):
         if not candidate.exists():
             raise CheckpointError(f"{text} does not exist: give a checkpoint folder (config.json + weights) or a "
