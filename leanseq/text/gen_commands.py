@@ -4,9 +4,8 @@
     leanseq generate --ids -p "1 2 3"                     # token ids in and out (any checkpoint)
     leanseq chat -m DIR_OR_HUB_ID
 
-One default with the Python API: greedy unless -t/--temperature > 0. Without -m the bundled tiny checkpoint is
-used; it is a token-id model (no tokenizer), so there the prompt is token ids, as before this command spoke
-text.
+One default with the Python API: greedy unless -t/--temperature > 0. Without -m the bundled byte-level
+Shakespeare Mamba is used (with --ids: the bundled tiny random token-id checkpoint).
 """
 
 from __future__ import annotations
@@ -50,7 +49,8 @@ def _stop_string(text: str) -> str:
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("-m", "--model", default=None,
-                   help="checkpoint folder or Hugging Face Hub id in the local cache (default: the bundled tiny one)")
+                   help="checkpoint folder or Hugging Face Hub id in the local cache (default: the bundled "
+                   "Shakespeare Mamba; with --ids the bundled tiny token-id one)")
     p.add_argument("-n", "--max-new-tokens", type=int_at_least(0), default=max_new_tokens,
                    help=f"tokens to generate at most (default {max_new_tokens})")
     p.add_argument("-t", "--temperature", type=_number(0.0), default=None,
@@ -91,10 +91,16 @@ def register(subparsers) -> None:
     c.set_defaults(func=run_chat)
 
 
+BUNDLED_TEXT_MODEL = "shakespeare-mamba"  # a byte-level Mamba trained here (docs/shakespeare_mamba.md)
+BUNDLED_IDS_MODEL = "tiny-mamba"  # random weights, token ids only: what --ids uses without -m
+
+
 def _model_path(args):
     from leanseq.models.commands import bundled_checkpoint
 
-    return (args.model, False) if args.model else (bundled_checkpoint(), True)
+    if args.model:
+        return args.model, False
+    return bundled_checkpoint(BUNDLED_IDS_MODEL if getattr(args, "ids", False) else BUNDLED_TEXT_MODEL), True
 
 
 def _check_sampling_flags(args) -> None:

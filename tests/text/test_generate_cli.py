@@ -38,8 +38,20 @@ def test_ids_mode_and_the_bundled_token_id_checkpoint(checkpoint, capsys):
     expected = model.generate([[1, 2, 3]], 5, ignore_eos=True)[0, 3:].tolist()
     assert main(["generate", "-m", str(checkpoint), "--ids", "-p", "1 2 3", "-n", "5", "--ignore-eos"]) == 0
     assert capsys.readouterr().out.split() == [str(t) for t in expected]
-    assert main(["generate", "--prompt", "1 2 3", "--max-new-tokens", "4"]) == 0  # as the README shows
+    assert main(["generate", "--ids", "--prompt", "1 2 3", "--max-new-tokens", "4"]) == 0  # as the README shows
     assert len(capsys.readouterr().out.split()) == 4
+
+
+def test_without_a_model_the_bundled_shakespeare_mamba_writes_text(capsys):
+    """A fresh clone generates text at once: the default is the bundled byte-level model, greedy."""
+    from leanseq.models.commands import bundled_checkpoint
+
+    model, tok = text.load(bundled_checkpoint("shakespeare-mamba"))
+    expected = text.generate(model, tok, "ROMEO:", 40)
+    assert main(["generate", "-p", "ROMEO:", "-n", "40"]) == 0
+    out = capsys.readouterr().out
+    assert out == "ROMEO:" + expected + "\n"
+    assert len(expected) >= 20  # 40 byte tokens of English: no early end-of-text
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -50,7 +62,7 @@ def test_ids_mode_and_the_bundled_token_id_checkpoint(checkpoint, capsys):
     (["-m", "{ckpt}", "-p", "x", "-t", "nan"], "finite"),
     (["-m", "{ckpt}", "-p", "x", "--top-p", "0"], "top-p"),
     (["-m", "{ckpt}", "-p", "x", "-n", "-3"], "integer >= 0"),
-    (["-p", "ROMEO:"], "token ids"),
+    (["--ids", "-p", "ROMEO:"], "token ids"),
 ])
 def test_bad_input_gets_one_clear_line(checkpoint, tmp_path, capsys, args, message):
     MambaLM(MambaConfig(vocab_size=16, hidden_size=16, num_hidden_layers=1)).save_pretrained(tmp_path / "bare")
