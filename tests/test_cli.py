@@ -40,7 +40,7 @@ def _single_error_line(capsys, prefix: str) -> str:
         (["train", "--config", EXAMPLE, "--set", "train.grad_clip=nan"], "leanseq train", "train.grad_clip"),
         (["train", "--config", EXAMPLE, "--set", "model.d_model=-4"], "leanseq train", "hidden_size"),
         (["generate", "--model", "no/such/folder"], "leanseq generate", "no/such/folder"),
-        (["generate", "--prompt", "1 x"], "leanseq generate", "--prompt"),
+        (["generate", "--ids", "--prompt", "1 x"], "leanseq generate", "--prompt"),
         (["bench", "context", "--quick", "--len-factor", "1"], "leanseq bench context", "--len-factor"),
         (["repro", "induction", "--quick", "--models", "nope"], "leanseq repro induction", "--models"),
     ],
