@@ -28,14 +28,18 @@ def cache_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
-def _reappears(candidate: Path, attempts: int = 20) -> bool:
+def _reappears(candidate: Path, misses: int = 20, limit_s: float = 5.0) -> bool:
     """Whether a missing `candidate` is a folder that another process is replacing (without an atomic exchange
-    it is briefly absent between two renames): it or a writer's scratch copy shows up within ~0.1 s."""
-    for _ in range(attempts):
-        if candidate.exists() or _being_replaced(candidate):
+    it is briefly absent between two renames): it shows up again while a writer's scratch copy is there (however
+    long a loaded machine keeps that writer waiting, up to limit_s), or within `misses` checks ~5 ms apart."""
+    deadline = time.monotonic() + limit_s
+    missed = 0
+    while missed < misses and time.monotonic() < deadline:
+        if candidate.exists():
             return True
+        missed = 0 if _being_replaced(candidate) else missed + 1
         time.sleep(0.005)
-    return False
+    return candidate.exists()
 
 
 def resolve(path: str | os.PathLike) -> Path:
