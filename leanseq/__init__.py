@@ -10,4 +10,11 @@ def load(path, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["__version__", "load"]
+def load_tokenizer(path):
+    """The tokenizer saved beside a checkpoint (tokenizer.json, or leanseq's byte tokenizer); see leanseq.text."""
+    from leanseq.text.tokenizer import load_tokenizer as _load_tokenizer
+
+    return _load_tokenizer(path)
+
+
+__all__ = ["__version__", "load", "load_tokenizer"]

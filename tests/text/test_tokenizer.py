@@ -147,3 +147,12 @@ def test_train_bpe_errors(tmp_path):
     (tmp_path / "a.txt").write_text("abc")
     with pytest.raises(ValueError, match="vocab_size must be an integer >= 257"):
         train_bpe([tmp_path / "a.txt"], vocab_size=100)
+
+
+def test_the_package_loads_a_checkpoints_tokenizer():
+    import leanseq
+    from leanseq.models.commands import bundled_checkpoint
+
+    tok = leanseq.load_tokenizer(bundled_checkpoint("shakespeare-mamba"))
+    assert tok.decode(tok.encode("ROMEO: Ay, me!")) == "ROMEO: Ay, me!"
+    assert tok.vocab_size == 257
