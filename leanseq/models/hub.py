@@ -46,13 +46,11 @@ def resolve(path: str | os.PathLike) -> Path:
     """`path` itself when it exists; a Hub id's snapshot folder from the local cache; else a clear error."""
     candidate = Path(path)
     text = os.fspath(path)
-    if not candidate.exists() and _reappears(candidate):
-        return candidate  # a local folder mid-replacement: leanseq.load's reader handles it
-    if candidate.exists() or not HUB_ID.match(text) or text.startswith((".", "/")):
-        if not candidate.exists():
-            raise CheckpointError(f"{text} does not exist: give a checkpoint folder (config.json + weights) or a "
-                                  "Hugging Face Hub id like state-spaces/mamba-130m-hf")
-        return candidate
+    if candidate.exists() or _reappears(candidate):
+        return candidate  # a local folder (perhaps mid-replacement: leanseq.load's reader handles that)
+    if not HUB_ID.match(text) or text.startswith((".", "/")):
+        raise CheckpointError(f"{text} does not exist: give a checkpoint folder (config.json + weights) or a "
+                              "Hugging Face Hub id like state-spaces/mamba-130m-hf")
     repo_id, _, revision = text.partition("@")
     try:
         import huggingface_hub
