@@ -101,6 +101,18 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+def check_ssm_numbers(cfg) -> None:
+    """The numeric keys Mamba-1 and Mamba-2 configs share: time_step_rank, layer_norm_epsilon, the time-step
+    range and floor, initializer_range (each refused naming its key)."""
+    if cfg.time_step_rank < 1:
+        raise ConfigError(f"config key 'time_step_rank' must be >= 1 or 'auto', got {cfg.time_step_rank}")
+    check_number("layer_norm_epsilon", cfg.layer_norm_epsilon, above=0)
+    check_number("time_step_min", cfg.time_step_min, above=0)
+    check_number("time_step_max", cfg.time_step_max, at_least=cfg.time_step_min)
+    check_number("time_step_floor", cfg.time_step_floor, at_least=0)
+    check_number("initializer_range", cfg.initializer_range, at_least=0)
+
+
 class ConfigBase:
     """Mixin for config dataclasses: strict from_dict / to_dict / JSON helpers."""
 

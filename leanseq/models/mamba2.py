@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanseq.models.config import ConfigBase, ConfigError, check_number
+from leanseq.models.config import ConfigBase, ConfigError, check_ssm_numbers
 from leanseq.models.layers import GatedRMSNorm, filled_unless_meta
 from leanseq.models.ssm import ConvSSMState, SSMLanguageModel
 from leanseq.ops import causal_conv1d, causal_conv1d_step
@@ -83,13 +83,7 @@ class Mamba2Config(ConfigBase):
                     "expand", "conv_kernel", "n_groups", "chunk_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key {key!r} must be >= 1, got {getattr(self, key)}")
-        if self.time_step_rank < 1:
-            raise ConfigError(f"config key 'time_step_rank' must be >= 1 or 'auto', got {self.time_step_rank}")
-        check_number("layer_norm_epsilon", self.layer_norm_epsilon, above=0)
-        check_number("time_step_min", self.time_step_min, above=0)
-        check_number("time_step_max", self.time_step_max, at_least=self.time_step_min)
-        check_number("time_step_floor", self.time_step_floor, at_least=0)
-        check_number("initializer_range", self.initializer_range, at_least=0)
+        check_ssm_numbers(self)
         if self.hidden_size * self.expand != self.num_heads * self.head_dim:
             raise ConfigError(
                 f"inconsistent config: hidden_size * expand = {self.hidden_size} * {self.expand} = "
