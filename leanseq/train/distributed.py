@@ -7,6 +7,7 @@ on N ranks follows the single-process run with the same global batch up to float
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -59,4 +60,14 @@ def init_from_env(device: str) -> DistInfo:
 
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            # every rank arrives before any tears the group down: a gloo peer destroyed mid-exchange aborts the
+            # others at exit ("terminate called without an active exception"); bounded, so a dead peer cannot hang us
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                dist.barrier()
+        except RuntimeError:
+            pass  # a peer is gone already: nothing left to wait for
+        finally:
+            dist.destroy_process_group()
