@@ -169,6 +169,39 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
             new_state._vouch(self)  # this model's own output: the next call need not re-check it
         return (out, new_state) if return_state else out
 
+    def forward_hidden(self, inputs_embeds: torch.Tensor, state: State | None = None, return_state: bool = False):
+        """The backbone alone, for other ends than the LM head: embeddings in, final (normed) hidden states out.
+
+        inputs_embeds (B, L, hidden_size) in the model's dtype and device -> hidden (B, L, hidden_size), or
+        (hidden, state after the input) with return_state=True. A value encoder (leanseq.series) or a nucleotide
+        embedding (leanseq.dna) feeds it; a classification or regression head reads it. Same state contract as
+        forward: running a sequence in chunks, passing the state on, equals running it whole.
+        """
+        if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3:
+            raise ValueError("inputs_embeds must be a (batch, length, hidden_size) tensor, got "
+                             f"{type(inputs_embeds).__name__}{tuple(getattr(inputs_embeds, 'shape', ()))}")
+        hidden_size = int(self.config.hidden_size)
+        B, L, D = inputs_embeds.shape
+        if D != hidden_size or L < 1 or B < 1:
+            raise ValueError(f"inputs_embeds has shape {(B, L, D)}; expected (batch >= 1, length >= 1, "
+                             f"{hidden_size}) for this model's hidden_size={hidden_size}")
+        if inputs_embeds.dtype != self.dtype or inputs_embeds.device != self.device:
+            raise TypeError(f"inputs_embeds is {inputs_embeds.dtype} on {inputs_embeds.device}; the model is "
+                            f"{self.dtype} on {self.device} (convert with .to(dtype=..., device=...))")
+        if state is not None:
+            self.check_state(state, B)
+        elif return_state:
+            state = self.init_state(B, device=inputs_embeds.device)
+        hidden, new_state = self._hidden(inputs_embeds, state)
+        if new_state is not None:
+            new_state._vouch(self)
+        return (hidden, new_state) if return_state else hidden
+
+    def _hidden(self, inputs_embeds: torch.Tensor, state: State | None, step: bool = False,
+                last: int | None = None) -> tuple[torch.Tensor, State | None]:
+        """(B, L, D) embeddings and a state (or None) -> (final normed hidden (B, L, D), new state or None)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its backbone (forward_hidden)")
+
     def step(self, token_ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Consume one token per row: token_ids (B,) -> (logits (B, V), new state)."""
         self.check_input_ids(token_ids, rank=1, what="token_ids", check_range=False)

@@ -144,6 +144,11 @@ class SSMLanguageModel(LanguageModel):
         }
 
     def _run(self, hidden, state: ConvSSMState | None, step: bool, last: int | None = None):
+        hidden, new_state = self._hidden(hidden, state, step, last)
+        head_dtype = getattr(self.lm_head, "compute_dtype", None) or self.lm_head.weight.dtype  # int8 heads
+        return self.lm_head(hidden.to(head_dtype)), new_state
+
+    def _hidden(self, hidden, state: ConvSSMState | None, step: bool = False, last: int | None = None):
         convs, ssms = [], []
         for i, block in enumerate(self.backbone.layers):
             conv = state.conv[i] if state is not None else None
@@ -155,16 +160,14 @@ class SSMLanguageModel(LanguageModel):
         if last is not None:  # logits for the last positions only: norm and LM head skip the others
             hidden = hidden[:, -last:]
         hidden = self.backbone.norm_f(hidden.to(self.backbone.norm_f.weight.dtype))
-        head_dtype = getattr(self.lm_head, "compute_dtype", None) or self.lm_head.weight.dtype  # int8 heads
-        logits = self.lm_head(hidden.to(head_dtype))
         if state is None:
-            return logits, None
+            return hidden, None
         new_state = self.state_class(
             position=state.position + length,
             conv=torch.stack(convs).to(state.conv.dtype),
             ssm=torch.stack(ssms).float(),
         )
-        return logits, new_state
+        return hidden, new_state
 
     def _forward(self, input_ids, state):
         return self._run(self.backbone.embeddings(input_ids), state, step=False)

@@ -503,8 +503,12 @@ class TransformerLM(LanguageModel):
 
     # ---- forward --------------------------------------------------------------------------------------------
     def _forward(self, input_ids: torch.Tensor, state: TransformerState | None, last: int | None = None):
-        L = input_ids.shape[1]
-        steps = torch.arange(L, device=input_ids.device)
+        x, state = self._hidden(self.model.embed_tokens(input_ids), state, last=last)  # (B, L, D)
+        return self.lm_head(x), state  # (B, L or last, V)
+
+    def _hidden(self, x: torch.Tensor, state: TransformerState | None, step: bool = False, last: int | None = None):
+        L = x.shape[1]
+        steps = torch.arange(L, device=x.device)
         if state is None:
             positions = steps[None]  # (1, L), shared by every row
             self._check_positions(L - 1)
@@ -514,7 +518,6 @@ class TransformerLM(LanguageModel):
             self._check_positions(kv_len - 1)
             absolute = self.config.position_embedding == "absolute"
             state = state.reserve(L, limit=self.config.max_position_embeddings if absolute else None).writable()
-        x = self.model.embed_tokens(input_ids)  # (B, L, D)
         rope = None
         if self.config.position_embedding == "absolute":
             x = x + self.model.embed_positions(positions)
@@ -540,8 +543,7 @@ class TransformerLM(LanguageModel):
                 state = TransformerState(position=state.position + L, k=k, v=v)
         if last is not None:  # logits for the last positions only: norm and LM head skip the others
             x = x[:, -last:]
-        logits = self.lm_head(self.model.norm(x))  # (B, L or last, V)
-        return logits, state
+        return self.model.norm(x), state
 
     def _forward_last(self, input_ids: torch.Tensor, state: TransformerState | None, n: int):
         return self._forward(input_ids, state, last=n)
