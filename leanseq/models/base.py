@@ -278,6 +278,10 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
     # ---- checkpoints --------------------------------------------------------------------------------------
     def _tied_keys(self) -> tuple[str, ...]:
         """Checkpoint keys that alias another tensor and are left out of saved files."""
+        if getattr(self, "quantization", None) is not None:
+            from leanseq.ops.quant import shared_keys
+
+            return shared_keys(self)  # an int8 head tied to int8 embeddings is stored once
         return ("lm_head.weight",) if getattr(self.config, "tie_word_embeddings", False) else ()
 
     def save_pretrained(self, path: str | os.PathLike, tokenizer=None) -> Path:
@@ -287,8 +291,17 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
         model.tokenizer) is written beside the weights with its own save(folder), in the same atomic write;
         special-token ids the config leaves unstated are taken from it, so generation elsewhere stops at eos too.
         """
+        foreign = [name for name, m in self.named_modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
+        if foreign:
+            raise TypeError(f"{foreign[0]} is a {type(self.get_submodule(foreign[0])).__name__} (torch.ao dynamic "
+                            "quantization), which has no checkpoint form: save the float32 model, or quantise with "
+                            "`leanseq quantize` / leanseq.ops.quant.quantize_int8, whose int8 checkpoints load back")
         tensors = {k: v for k, v in self.state_dict().items() if k not in self._tied_keys()}
         config = self.config.to_dict()
+        if getattr(self, "quantization", None) is not None:
+            from leanseq.ops.quant import quantization_config
+
+            config["quantization_config"] = quantization_config(self)
         config["architectures"] = [self.hf_architecture] if getattr(self, "hf_architecture", None) else []
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         if tokenizer is not None:
@@ -301,7 +314,9 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None):
-        config = cls.config_class.from_dict(ckpt.read_config(path))
+        raw_config = ckpt.read_config(path)
+        quant_record = raw_config.pop("quantization_config", None)
+        config = cls.config_class.from_dict(raw_config)
         # The config is checked against the safetensors headers before any tensor is allocated or read, so a
         # config that disagrees with its files (vocab_size: 20000000 beside 97 rows) is refused at no cost.
         headers = ckpt.read_headers(path)
@@ -318,6 +333,23 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
             raise ckpt.CheckpointError(
                 f"{Path(path) / ckpt.CONFIG_FILE} describes a model that cannot be built ({reason})"
             ) from exc
+        config_file = Path(path) / ckpt.CONFIG_FILE
+        if quant_record is not None:
+            from leanseq.ops.quant import apply_quantization_config
+
+            if dtype not in (None, torch.float32):
+                raise ckpt.CheckpointError(
+                    f"{Path(path)} holds an int8 (leanseq_int8) model, which computes in float32; load it without "
+                    f"dtype={dtype}, or convert the float32 model it was quantised from")
+            try:
+                apply_quantization_config(model, quant_record, str(config_file))
+            except ValueError as exc:
+                raise ckpt.CheckpointError(str(exc)) from exc
+        elif any(name.endswith(".qweight") for name in headers):
+            raise ckpt.CheckpointError(
+                f"{Path(path)} holds int8 tensors ({next(n for n in headers if n.endswith('.qweight'))}) but "
+                f"{config_file} has no quantization_config, so they cannot be read as float weights: restore the "
+                "quantization_config that `leanseq quantize` wrote there, or load the float32 checkpoint instead")
         ckpt.check_headers(model, headers, optional=model._tied_keys())
         tensors = ckpt.read_tensors(path, headers)
         # a load keeps the checkpoint's floating dtype unless asked otherwise
@@ -327,6 +359,13 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
             if v.is_floating_point():
                 tensors[k] = v.to(target)
         ckpt.load_state_dict_strict(model, tensors, optional=model._tied_keys(), assign=True)
+        if quant_record is not None:
+            from leanseq.ops.quant import check_int8_tensors
+
+            try:
+                check_int8_tensors(model, str(Path(path)))
+            except ValueError as exc:
+                raise ckpt.CheckpointError(str(exc)) from exc
         model.generation_config = ckpt.read_generation_config(path)
         if device is not None:
             model.to(device)

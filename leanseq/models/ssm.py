@@ -106,8 +106,7 @@ class SSMLanguageModel(LanguageModel):
         conv_shape, ssm_shape = self.state_shapes()
         return self.state_class(
             position=torch.zeros(batch_size, dtype=torch.long, device=device),
-            conv=torch.zeros(n_layers, batch_size, *conv_shape, dtype=self.backbone.embeddings.weight.dtype,
-                             device=device),
+            conv=torch.zeros(n_layers, batch_size, *conv_shape, dtype=self.dtype, device=device),
             ssm=torch.zeros(n_layers, batch_size, *ssm_shape, dtype=torch.float32, device=device),
         )
 
@@ -116,8 +115,11 @@ class SSMLanguageModel(LanguageModel):
         three nn.Module.__getattr__ calls (~2 us, and every step reads dtype and device)."""
         try:
             return self._modules["backbone"]._modules["embeddings"]._parameters["weight"]
-        except (KeyError, AttributeError):  # a hand-edited model: the attribute route says what is wrong
-            return self.backbone.embeddings.weight
+        except (KeyError, AttributeError):  # a wrapped or hand-edited model: the attribute route says what is wrong
+            embeddings = self.backbone.embeddings
+            # int8 embeddings (leanseq.ops.quant) compute in float32 on their scales' device
+            scale = getattr(embeddings, "scale", None) if getattr(embeddings, "qweight", None) is not None else None
+            return scale if scale is not None else embeddings.weight
 
     def _placement(self) -> tuple[torch.dtype, torch.device]:
         w = self._embedding_weight()  # (dtype, device) in one read, for the states' vouch marks
@@ -139,13 +141,16 @@ class SSMLanguageModel(LanguageModel):
         return {
             "position": self._position_spec(batch_size),
             "conv": TensorSpec((n_layers, batch_size, *conv_shape), ("n_layers", "batch", *conv_dims),
-                               self.backbone.embeddings.weight.dtype),  # as init_state makes it
+                               self.dtype),  # as init_state makes it
             "ssm": TensorSpec((n_layers, batch_size, *ssm_shape), ("n_layers", "batch", *ssm_dims), torch.float32),
         }
 
     def _run(self, hidden, state: ConvSSMState | None, step: bool, last: int | None = None):
         hidden, new_state = self._hidden(hidden, state, step, last)
-        head_dtype = getattr(self.lm_head, "compute_dtype", None) or self.lm_head.weight.dtype  # int8 heads
+        head_dtype = getattr(self.lm_head, "compute_dtype", None)  # int8 heads compute in float32
+        if head_dtype is None:
+            weight = self.lm_head.weight  # torch.ao's dynamically quantized Linear makes `weight` a method
+            head_dtype = weight.dtype if isinstance(weight, torch.Tensor) else hidden.dtype
         return self.lm_head(hidden.to(head_dtype)), new_state
 
     def _hidden(self, hidden, state: ConvSSMState | None, step: bool = False, last: int | None = None):

@@ -47,7 +47,7 @@ _FP = ("eps", "dt_lo", "dt_hi")
 _G = ("embed", "norm_f", "head_w", "head_s", "head_b")
 _L = ("norm", "in_w", "in_s", "in_b", "conv_w", "conv_b", "xp_w", "xp_s", "dt_w", "dt_b", "A_log", "D",
       "out_w", "out_s", "out_b", "lti_dt", "lti_B", "lti_C", "gnorm")
-FLAG_LTI, FLAG_DTHI, FLAG_DTLO = 1, 2, 4
+FLAG_LTI, FLAG_DTHI, FLAG_DTLO, FLAG_EMBED_I8 = 1, 2, 4, 8
 _ERRORS = {1: "plan layout/version", 2: "family", 3: "a size below 1", 4: "inconsistent sizes",
            5: "batch size", 6: "conv state size", 7: "ssm state size", 8: "logits size", 9: "scratch size",
            10: "pointer count", 11: "a token id outside the vocabulary"}
@@ -234,12 +234,20 @@ class Plan:
             return t.data_ptr()
 
         eps = {m.eps for m in [model.backbone.norm_f, *(b.norm for b in layers)]}
-        embed = _need(model.backbone.embeddings.weight, (V, H), "backbone.embeddings.weight")
         head = _linear(model.lm_head, V, H, "lm_head")
+        flags, dt_lo, dt_hi = 0, 0.0, 0.0
+        embeddings = model.backbone.embeddings
+        if type(embeddings) is nn.Embedding:  # exactly: a wrapper (a LoRA adapter) changes what a row is
+            embed = _need(embeddings.weight, (V, H), "backbone.embeddings.weight")
+        elif getattr(embeddings, "qweight", None) is not None and embeddings.qweight is head[0] \
+                and embeddings.scale is head[1]:
+            embed, flags = head[0], FLAG_EMBED_I8  # int8 embeddings shared with the int8 head (quantize_int8)
+        else:
+            raise Unsupported(f"backbone.embeddings is a {type(embeddings).__name__}; the native step reads an "
+                              "nn.Embedding or int8 embeddings shared with an int8 LM head")
         g = {"embed": embed, "norm_f": _need(model.backbone.norm_f.weight, (H,), "backbone.norm_f.weight"),
              "head_w": head[0], "head_s": head[1], "head_b": head[2]}
         slots += [ptr(g[name]) for name in _G]
-        flags, dt_lo, dt_hi = 0, 0.0, 0.0
         if family == 1:
             D, N, R = cfg.intermediate_size, cfg.state_size, cfg.time_step_rank
             lti = not cfg.selective
@@ -301,7 +309,7 @@ class Plan:
         self.per_row = 2 * H + sizes["in_rows"] + CC + sizes["xp_rows"] + D
         self.fixed = D * N if family == 1 else 0
         unique = {id(t): t for t in keep}
-        embed_only = 0 if head[0] is embed else embed.numel() * 4  # a step reads B rows of the embedding
+        embed_only = 0 if head[0] is embed else embed.numel() * embed.element_size()  # a step reads B rows of the embedding
         self.weight_bytes = sum(t.numel() * t.element_size() for t in unique.values()) - embed_only
         self.scratch = torch.empty(0)
         self.layouts: dict = {}

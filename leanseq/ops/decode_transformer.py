@@ -66,6 +66,8 @@ class TransformerPlan(Plan):
             keep.append(t)
             return t.data_ptr()
 
+        if type(body.embed_tokens) is not torch.nn.Embedding:  # a wrapper (a LoRA adapter) changes what a row is
+            raise Unsupported(f"model.embed_tokens is a {type(body.embed_tokens).__name__}, not an nn.Embedding")
         embed = _need(body.embed_tokens.weight, (V, H), "model.embed_tokens.weight")
         head = _linear(model.lm_head, V, H, "lm_head")
         g = dict.fromkeys(_G)

@@ -15,8 +15,12 @@ generate, Session, SessionPool):
   costs about 1 ms per row of a 768 -> 3072 layer (518 ms for 512 rows, where dequantising and one float32
   matmul take 21 ms).
 
-A tied LM head (tie_word_embeddings) is quantised as its own copy: the embedding lookup stays float32.
-Quantised models cannot be saved with save_pretrained (the checkpoint formats hold float weights).
+A tied LM head (tie_word_embeddings) of a Mamba model is quantised once and the embedding lookup reads the
+same int8 rows (`Int8Embedding`; embeddings=False keeps a float32 embedding beside an int8 copy of the head).
+
+Saving: `save_pretrained` writes the int8 tensors (`<layer>.qweight`, `<layer>.scale`) and a
+`quantization_config` record in config.json naming every quantised module; `leanseq.load` reads that record,
+rebuilds the same modules and loads the int8 tensors (float32 only: a dtype= conversion is refused).
 """
 
 from __future__ import annotations
@@ -74,13 +78,48 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row scales"
 
 
-def _refuse_save(*args, **kwargs):
-    raise NotImplementedError("this model holds int8 weights; save the float32 model before quantize_int8")
+class Int8Embedding(nn.Module):
+    """An embedding lookup over int8 rows with one float32 scale per row: row i = qweight[i] * scale[i]."""
+
+    compute_dtype = torch.float32
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        if qweight.dtype != torch.int8 or qweight.dim() != 2 or scale.shape != (qweight.shape[0],):
+            raise ValueError(f"Int8Embedding needs int8 (vocab, dim) rows and (vocab,) scales, got {qweight.dtype} "
+                             f"{tuple(qweight.shape)} and {tuple(scale.shape)}")
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        # no copies: these may be the very buffers of the int8 LM head they are tied to
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> Int8Embedding:
+        lin = Int8Linear.from_float(weight)
+        return cls(lin.qweight, lin.scale)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].float() * self.scale[ids].unsqueeze(-1)  # (..., dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row scales"
+
+
+QUANT_METHOD = "leanseq_int8"
+QUANT_FORMAT_VERSION = 1
+# what every leanseq_int8 checkpoint keeps in float32, stated in its record for whoever reads config.json
+FLOAT32_PARTS = ["A_log", "D", "dt_proj / dt_bias", "conv1d", "norms", "recurrent state"]
 
 
 @torch.no_grad()
-def quantize_int8(model: nn.Module, include_small: bool = False) -> nn.Module:
-    """Quantise `model` (a float32 Mamba-1, Mamba-2 or transformer language model) in place and return it."""
+def quantize_int8(model: nn.Module, include_small: bool = False, embeddings: bool = True) -> nn.Module:
+    """Quantise `model` (a float32 Mamba-1, Mamba-2 or transformer language model) in place and return it.
+
+    include_small: Mamba's x_proj too. embeddings: a Mamba model whose LM head is tied to its embeddings reads
+    its embedding rows from the int8 head (one int8 copy instead of a float32 embedding plus an int8 head).
+    """
+    if getattr(model, "quantization", None) is not None:
+        raise ValueError("this model is already quantised (int8); quantise the float32 model once")
     if hasattr(model, "backbone") and hasattr(model, "lm_head"):  # Mamba-1 / Mamba-2
         names = ["in_proj", "out_proj"] + (["x_proj"] if include_small else [])
         targets = [(block.mixer, names) for block in model.backbone.layers]
@@ -100,9 +139,94 @@ def quantize_int8(model: nn.Module, include_small: bool = False) -> nn.Module:
                 setattr(module, n, Int8Linear.from_float(lin.weight, lin.bias))
     head = model.lm_head
     if isinstance(head, nn.Linear):
+        tied = hasattr(model, "backbone") and head.weight is getattr(model.backbone.embeddings, "weight", None)
         model.lm_head = Int8Linear.from_float(head.weight, head.bias)
+        if tied and embeddings and head.bias is None:
+            model.backbone.embeddings = Int8Embedding(model.lm_head.qweight, model.lm_head.scale)
     model.quantization = "int8"
-    model.save_pretrained = _refuse_save  # the checkpoint formats hold float weights only
     if hasattr(model, "invalidate_native"):
         model.invalidate_native()
     return model
+
+
+def quantized_modules(model: nn.Module) -> dict[str, str]:
+    """{module name: "linear" | "embedding"} of every int8 module of `model`."""
+    kinds = {Int8Linear: "linear", Int8Embedding: "embedding"}
+    return {name: kinds[type(m)] for name, m in model.named_modules() if type(m) in kinds}
+
+
+def quantization_config(model: nn.Module) -> dict:
+    """The record config.json keeps for a quantised model: method, format version and every int8 module."""
+    return {"quant_method": QUANT_METHOD, "format_version": QUANT_FORMAT_VERSION, "bits": 8,
+            "weights": "symmetric per output row, float32 scales", "float32": FLOAT32_PARTS,
+            "modules": quantized_modules(model)}
+
+
+def shared_keys(model: nn.Module) -> tuple[str, ...]:
+    """state_dict names that alias a tensor already named earlier (an int8 head tied to int8 embeddings): a
+    checkpoint stores the tensor once, under its first name."""
+    seen, dup = set(), []
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, t in named:
+        if id(t) in seen:
+            dup.append(name)
+        seen.add(id(t))
+    return tuple(dup)
+
+
+def apply_quantization_config(model: nn.Module, record, where: str) -> nn.Module:
+    """Turn a freshly built float model (meta tensors will do) into the int8 layout `record` describes, so its
+    state_dict takes the checkpoint's tensors. Raises ValueError naming what in the record is wrong."""
+    if not isinstance(record, dict) or record.get("quant_method") != QUANT_METHOD:
+        method = record.get("quant_method") if isinstance(record, dict) else record
+        raise ValueError(f"{where}: quantization_config has quant_method {method!r}; leanseq loads only "
+                         f"{QUANT_METHOD!r} checkpoints (written by `leanseq quantize` or save_pretrained)")
+    if record.get("format_version") != QUANT_FORMAT_VERSION:
+        raise ValueError(f"{where}: quantization_config format_version {record.get('format_version')!r} is not "
+                         f"{QUANT_FORMAT_VERSION}; this leanseq cannot read it (upgrade leanseq)")
+    modules = record.get("modules")
+    if not isinstance(modules, dict) or not modules or not all(
+            isinstance(k, str) and v in ("linear", "embedding") for k, v in modules.items()):
+        raise ValueError(f"{where}: quantization_config.modules must map module names to 'linear' or "
+                         f"'embedding', got {modules!r}")
+    owned = dict(model.named_modules())
+    for name, kind in modules.items():
+        module = owned.get(name)
+        expected = nn.Linear if kind == "linear" else nn.Embedding
+        if not isinstance(module, expected) or not name:
+            raise ValueError(f"{where}: quantization_config names {name!r} as an int8 {kind}, but this model has "
+                             f"no {expected.__name__} of that name")
+    with torch.no_grad():
+        for name, kind in modules.items():
+            owner, _, attr = name.rpartition(".")
+            parent = model.get_submodule(owner) if owner else model
+            module = getattr(parent, attr)
+            if kind == "linear":
+                out, inp = module.weight.shape
+                bias = None if module.bias is None else torch.empty_like(module.bias)
+                new = Int8Linear(torch.empty(out, inp, dtype=torch.int8, device=module.weight.device),
+                                 torch.empty(out, device=module.weight.device), bias)
+            else:
+                rows, dim = module.weight.shape
+                new = Int8Embedding(torch.empty(rows, dim, dtype=torch.int8, device=module.weight.device),
+                                    torch.empty(rows, device=module.weight.device))
+            setattr(parent, attr, new)
+        # tied int8 embeddings read the head's own buffers, as quantize_int8 left them
+        emb = getattr(getattr(model, "backbone", None), "embeddings", None)
+        head = getattr(model, "lm_head", None)
+        if isinstance(emb, Int8Embedding) and isinstance(head, Int8Linear) \
+                and getattr(model.config, "tie_word_embeddings", False):
+            emb.qweight, emb.scale = head.qweight, head.scale
+    model.quantization = "int8"
+    return model
+
+
+def check_int8_tensors(model: nn.Module, where: str) -> None:
+    """Refuse a loaded int8 model whose tensors are not what the int8 modules compute with."""
+    for name, m in model.named_modules():
+        if isinstance(m, (Int8Linear, Int8Embedding)):
+            if m.qweight.dtype != torch.int8 or m.scale.dtype != torch.float32:
+                raise ValueError(f"{where}: {name}.qweight must be int8 and {name}.scale float32, found "
+                                 f"{m.qweight.dtype} and {m.scale.dtype}")
+            if not torch.isfinite(m.scale).all() or bool((m.scale <= 0).any()):
+                raise ValueError(f"{where}: {name}.scale holds values that are not finite and positive")

@@ -37,7 +37,8 @@ enum {
     CFG_HEADDIM, CFG_GROUPS, CFG_KERNEL, CFG_CONVCH, CFG_INROWS, CFG_XPROWS, CFG_FLAGS, CFG_LEN
 };
 enum { FP_EPS, FP_DTLO, FP_DTHI, FP_LEN };
-enum { FLAG_LTI = 1, FLAG_DTHI = 2, FLAG_DTLO = 4 };
+/* FLAG_EMBED_I8: the embedding is the int8 LM head (tied, quantized): a row is head_w[tok] * head_s[tok] */
+enum { FLAG_LTI = 1, FLAG_DTHI = 2, FLAG_DTLO = 4, FLAG_EMBED_I8 = 8 };
 /* global pointer slots, then SLOTS_PER_LAYER per layer */
 enum { G_EMBED, G_NORMF, G_HEAD_W, G_HEAD_S, G_HEAD_B, G_LEN };
 enum {
@@ -404,7 +405,13 @@ static void step_job(void *vctx, int tid, int nth) {
         /* 1. (first layer: embedding) RMSNorm, split by batch row */
         split(B, tid, nth, &lo, &hi);
         for (int64_t b = lo; b < hi; b++) {
-            if (l == 0) memcpy(resid + b * H, (const float *)g[G_EMBED] + c->tokens[b] * H, sizeof(float) * H);
+            if (l == 0 && (flags & FLAG_EMBED_I8)) {
+                const int8_t *row = (const int8_t *)g[G_HEAD_W] + c->tokens[b] * H;
+                const float s = ((const float *)g[G_HEAD_S])[c->tokens[b]];
+                for (int64_t h = 0; h < H; h++) resid[b * H + h] = (float)row[h] * s;
+            } else if (l == 0) {
+                memcpy(resid + b * H, (const float *)g[G_EMBED] + c->tokens[b] * H, sizeof(float) * H);
+            }
             rmsnorm_row(resid + b * H, (const float *)p[L_NORM], xn + b * H, H, eps);
         }
         barrier(nth, &sense);
