@@ -186,7 +186,8 @@ def test_int8_native_equals_int8_eager_and_stays_close_to_float32():
     model = leanseq.load(leanseq.__path__[0] + "/data/induction-mamba")
     inputs = get_task("induction_heads", seq_len=64).generate(4, torch.Generator().manual_seed(0)).inputs
     q = quantize_int8(copy.deepcopy(model))
-    assert isinstance(q.lm_head, Int8Linear) and q.backbone.embeddings.weight.dtype == torch.float32
+    # the tied embeddings read the int8 head's rows (one int8 copy), in the native kernel and the eager step
+    assert isinstance(q.lm_head, Int8Linear) and q.backbone.embeddings.qweight is q.lm_head.qweight
     prompt, rest = inputs[:, :48], inputs[:, 48:]
     with torch.no_grad():
         _, sf = model(prompt, return_state=True)
@@ -205,8 +206,6 @@ def test_int8_native_equals_int8_eager_and_stays_close_to_float32():
         total += tok.numel()
     assert max_err < 0.05, max_err  # relative to the largest float32 logit
     assert agree / total >= 0.97, agree / total
-    with pytest.raises(NotImplementedError):
-        q.save_pretrained("/nonexistent")
 
 
 def test_int8_generate_and_prefill_mamba2():
