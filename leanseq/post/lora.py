@@ -136,9 +136,11 @@ def add_lora(model, settings: LoraSettings | None = None, init_lora_weights: boo
     targets = check_targets(model, settings.targets)
     config = _lora_config(settings, targets)
     config.init_lora_weights = init_lora_weights
+    identity = base_identity(model)  # before injection: adapters rename the wrapped weights
     with _peft_sees_leanseq(model):
         peft_model = get_peft_model(model, config)
     peft_model.leanseq_targets = targets
+    peft_model.leanseq_base_identity = identity
     return peft_model
 
 
@@ -156,15 +158,16 @@ def base_identity(model) -> dict:
             "weights_sha256": weights_hash(model)}
 
 
-def save_adapter(peft_model, path: str | os.PathLike, base=None) -> Path:
+def save_adapter(peft_model, path: str | os.PathLike) -> Path:
     """Write the adapters in peft's format (adapter_config.json + adapter_model.safetensors) and the base
     model's identity (leanseq_adapter.json), so loading them onto another base is refused."""
     from leanseq.models.checkpoint import atomic_write_dir
 
-    base = base if base is not None else peft_model.get_base_model()
-    with peft_model.disable_adapter():  # the base's own weights, whatever adapters add
-        identity = base_identity(base)
-    identity["targets"] = list(getattr(peft_model, "leanseq_targets", ()))
+    identity = getattr(peft_model, "leanseq_base_identity", None)
+    if identity is None:
+        raise AdapterError("this peft model was not made by leanseq.post.lora (add_lora / load_adapter), so its "
+                           "base model's identity is unknown")
+    identity = {**identity, "targets": list(getattr(peft_model, "leanseq_targets", ()))}
 
     def write(tmp: Path) -> None:
         peft_model.save_pretrained(str(tmp), save_embedding_layers=False)  # adapters only, never the base
@@ -215,6 +218,7 @@ def load_adapter(model, path: str | os.PathLike, allow_other_weights: bool = Fal
     with _peft_sees_leanseq(model):
         peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
     peft_model.leanseq_targets = targets
+    peft_model.leanseq_base_identity = {k: v for k, v in identity.items() if k != "targets"}
     return peft_model
 
 
@@ -226,3 +230,28 @@ def merge_adapter(peft_model) -> nn.Module:
     if hasattr(model, "invalidate_native"):
         model.invalidate_native()
     return model
+
+
+def finetune(model, task, settings: LoraSettings, train, out_dir: str | os.PathLike, merge: bool = False,
+             progress: bool = True, tokenizer=None) -> dict:
+    """Train LoRA adapters on `model` for `task` with leanseq's Trainer; write out_dir/adapter (and, with merge,
+    out_dir/merged, a plain checkpoint). Returns held-out loss and accuracy before and after, and the sizes."""
+    from leanseq.train import OutputSection, Trainer
+
+    out_dir = Path(out_dir)
+    peft_model = add_lora(model, settings)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    trainer = Trainer(peft_model, task, train, OutputSection(dir=str(out_dir / "run"), resume=False,
+                                                             save_model=False, progress=progress))
+    before = trainer.evaluate()
+    after = trainer.fit()
+    save_adapter(peft_model, out_dir / "adapter")
+    report = {"before": before, "after": {k: v for k, v in after.items() if k.startswith("eval_")},
+              "steps": after["step"], "trainable_parameters": trainable, "parameters": total - trainable,
+              "targets": list(peft_model.leanseq_targets), "adapter": str(out_dir / "adapter")}
+    if merge:
+        merged = merge_adapter(peft_model)
+        merged.save_pretrained(out_dir / "merged", tokenizer=tokenizer)
+        report["merged"] = str(out_dir / "merged")
+    return report
