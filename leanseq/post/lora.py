@@ -190,7 +190,7 @@ def check_adapter_base(model, path: str | os.PathLike, allow_other_weights: bool
     identity = _read_json(path / ADAPTER_IDENTITY_FILE, "it must be a regular JSON file")
     if not isinstance(identity, dict) or not isinstance(identity.get("config"), dict):
         raise AdapterError(f"{path / ADAPTER_IDENTITY_FILE} is not a leanseq adapter record")
-    mine = model.config.to_dict()
+    mine = json.loads(json.dumps(model.config.to_dict()))  # as the record holds it (tuples become lists)
     theirs = identity["config"]
     if identity.get("model_type") != model.config.model_type or theirs != mine:
         diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))

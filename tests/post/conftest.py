@@ -23,3 +23,13 @@ def tiny(family: str, tied: bool | None = None, seed: int = 0, vocab: int = 37):
 @pytest.fixture
 def make():
     return tiny
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: these models are tiny, and two threads on a busy 2-core machine wait on each other
+    (tens of ms per small matmul) instead of working."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
