@@ -142,7 +142,7 @@ def _linear(lin, rows: int, cols: int, what: str):
     elif isinstance(lin, nn.Linear):
         w, scale = lin.weight, None
     else:
-        raise Unsupported(f"{what} is a {type(lin).__name__}, not a Linear")
+        raise Unsupported(f"{what} is a {type(lin).__module__}.{type(lin).__qualname__}, not an nn.Linear")
     _need(w, (rows, cols), what + ".weight", w.dtype if scale is not None else torch.float32)
     if lin.bias is not None:
         _need(lin.bias, (rows,), what + ".bias")

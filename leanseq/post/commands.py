@@ -3,7 +3,6 @@ inside the commands, so `leanseq --help` stays fast."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
