@@ -1,0 +1,119 @@
+"""Post-training, measured: int8 quantisation (size, memory, decode latency, joules per token, bits per byte or
+accuracy against float32), distillation (teacher vs student alone vs distilled student) and LoRA fine-tuning.
+
+    python benchmarks/post_training.py                 # everything (about 15-20 minutes on a shared 2-core machine)
+    python benchmarks/post_training.py --only quantize # or distill, lora
+    python benchmarks/post_training.py --quick         # small settings, to check the script runs
+
+Every ratio is against a peer measured in the same run (int8 and dynamic against float32; the distilled student
+against the teacher and the student trained alone on the same budget). Writes docs/post_training.json (or
+--out). Not part of make test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import leanseq
+from leanseq.bench.spec import build_from_spec
+from leanseq.models.commands import bundled_checkpoint
+from leanseq.post import distill as distill_mod
+from leanseq.post import quantize as quant_mod
+from leanseq.tasks import get_task
+from leanseq.train import TrainSection
+
+MAMBA_130M = "mamba:hidden_size=768,num_hidden_layers=24,vocab_size=50280"
+
+
+def quantize_section(quick: bool, scratch: Path) -> dict:
+    results = {}
+    cases = [
+        ("shakespeare-mamba (trained, bits/byte on the corpus validation split)",
+         leanseq.load(bundled_checkpoint("shakespeare-mamba")), {"text": "corpus"}, (2, 1)),
+        ("induction-mamba (trained, induction-heads accuracy)", leanseq.load(bundled_checkpoint("induction-mamba")),
+         {"task": get_task("induction_heads", seq_len=256)}, (2, 1)),
+        ("Mamba 130m shape (random weights)", build_from_spec(MAMBA_130M), {}, (2,)),
+    ]
+    for name, model, evaluation, thread_counts in cases:
+        big = model.num_parameters() > 10**8  # the dynamic model's eager step takes seconds there: fewer steps
+        for threads in thread_counts:
+            settings = quant_mod.QuantizeSettings(
+                dynamic=True, threads=threads, steps=8 if quick else 16 if big else 64, rounds=1 if quick else 3,
+                eval_windows=2 if quick else 64, eval_batches=2 if quick else 32, **evaluation)
+            start = time.perf_counter()
+            report = quant_mod.quantize_and_report(model, scratch / "int8", settings, progress=False)
+            shutil.rmtree(scratch / "int8", ignore_errors=True)
+            key = f"{name}, {threads} thread{'s' if threads > 1 else ''}"
+            print(f"\n## {key} ({time.perf_counter() - start:.0f} s)\n\n{quant_mod.format_report(report)}", flush=True)
+            results[key] = report
+        del model
+    return results
+
+
+def distill_section(quick: bool, scratch: Path) -> dict:
+    results = {}
+    task = get_task("induction_heads", seq_len=64)
+    train = TrainSection(steps=20 if quick else 2000, batch_size=8, lr=3e-3, min_lr=1e-4, warmup_steps=20,
+                         eval_interval=0, eval_batches=2 if quick else 16, eval_batch_size=32, weight_decay=0.1)
+    settings = distill_mod.DistillSettings(temperature=2.0, kl_weight=0.7, task_weight=0.3, positions="all")
+    student = {"family": "mamba", "hidden_size": 24, "num_hidden_layers": 2}
+    for teacher_name in ("induction-mamba", "induction-transformer"):
+        start = time.perf_counter()
+        report = distill_mod.distill(leanseq.load(bundled_checkpoint(teacher_name)), student, task, train,
+                                     scratch / teacher_name, settings, progress=False)
+        print(f"\n## distillation, teacher {teacher_name} ({time.perf_counter() - start:.0f} s)\n\n"
+              f"{distill_mod.format_report(report)}", flush=True)
+        results[teacher_name] = report
+    return results
+
+
+def lora_section(quick: bool, scratch: Path) -> dict:
+    from leanseq.post.lora import LoraSettings, finetune
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("bcdfghjklmnpqrstvwxz") for _ in range(5)) for _ in range(8)]
+    text = scratch / "words"
+    text.mkdir()
+    for split, n in (("train", 20000), ("validation", 4000)):
+        (text / f"{split}.txt").write_text(" ".join(rng.choice(words) for _ in range(n)))
+    task = get_task("bytes_lm", source=str(text), seq_len=64)
+    train = TrainSection(steps=10 if quick else 100, batch_size=8, lr=1e-2, min_lr=1e-4, warmup_steps=10,
+                         eval_interval=0, eval_batches=4, eval_batch_size=16, weight_decay=0.0)
+    start = time.perf_counter()
+    report = finetune(leanseq.load(bundled_checkpoint("shakespeare-mamba")), task, LoraSettings(r=8, alpha=16),
+                      train, scratch / "lora", merge=True, progress=False)
+    report["seconds"] = time.perf_counter() - start
+    print(f"\n## LoRA on shakespeare-mamba, made-up words ({report['seconds']:.0f} s)\n\n"
+          f"accuracy {report['before']['eval_accuracy']:.3f} -> {report['after']['eval_accuracy']:.3f}, "
+          f"bits/byte {report['before']['eval_bits_per_byte']:.3f} -> {report['after']['eval_bits_per_byte']:.3f}; "
+          f"{report['trainable_parameters']:,} trainable of {report['parameters']:,}", flush=True)
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=("quantize", "distill", "lora"), action="append")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="docs/post_training.json")
+    args = parser.parse_args()
+    sections = args.only or ["lora", "quantize", "distill"]
+    results = {"torch": torch.__version__, "quick": args.quick}
+    with tempfile.TemporaryDirectory(prefix="leanseq-post-") as tmp:
+        for name in sections:
+            torch.set_num_threads(1 if name != "quantize" else torch.get_num_threads())
+            results[name] = globals()[f"{name}_section"](args.quick, Path(tmp))
+    Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
