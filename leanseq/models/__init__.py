@@ -46,7 +46,21 @@ def load(path: str | os.PathLike, device=None, dtype=None):
         if "model_type" not in config:
             raise CheckpointError(
                 f"{folder}/config.json has no model_type; leanseq loads: {', '.join(sorted(MODEL_TYPES))}")
-        return model_class(config["model_type"]).from_pretrained(folder, device=device, dtype=dtype)
+        model_type = config["model_type"]
+        from leanseq.ops.quant import QUANTIZED_MODEL_TYPE
+
+        if model_type == QUANTIZED_MODEL_TYPE:  # an int8 checkpoint names its family in its quantization record
+            record = config.get("quantization_config")
+            if not isinstance(record, dict):
+                raise CheckpointError(f"{folder}/config.json says model_type {QUANTIZED_MODEL_TYPE!r} (an int8 "
+                                      "checkpoint) but has no quantization_config: restore the one `leanseq "
+                                      "quantize` wrote there, or load the float32 checkpoint instead")
+            model_type = record.get("model_type")
+            if model_type not in MODEL_TYPES:
+                raise CheckpointError(f"{folder}/config.json is an int8 checkpoint whose quantization_config names "
+                                      f"no known model_type ({model_type!r}); leanseq loads: "
+                                      f"{', '.join(sorted(MODEL_TYPES))}")
+        return model_class(model_type).from_pretrained(folder, device=device, dtype=dtype)
 
     return read_consistently(path, load_version)
 

@@ -299,9 +299,13 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
         tensors = {k: v for k, v in self.state_dict().items() if k not in self._tied_keys()}
         config = self.config.to_dict()
         if getattr(self, "quantization", None) is not None:
-            from leanseq.ops.quant import quantization_config
+            from leanseq.ops.quant import QUANTIZED_MODEL_TYPE, quantization_config
 
-            config["quantization_config"] = quantization_config(self)
+            # the family moves into the record and model_type names the int8 format, so loaders that do not
+            # know it (transformers, llama.cpp's converter) refuse the folder instead of filling in random weights
+            config["quantization_config"] = {**quantization_config(self), "model_type": config["model_type"]}
+            config["model_type"] = QUANTIZED_MODEL_TYPE
+            config["architectures"] = []
         config["architectures"] = [self.hf_architecture] if getattr(self, "hf_architecture", None) else []
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         if tokenizer is not None:
@@ -316,6 +320,11 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
     def from_pretrained(cls, path: str | os.PathLike, device=None, dtype: torch.dtype | None = None):
         raw_config = ckpt.read_config(path)
         quant_record = raw_config.pop("quantization_config", None)
+        if quant_record is not None:
+            from leanseq.ops.quant import QUANTIZED_MODEL_TYPE
+
+            if raw_config.get("model_type") == QUANTIZED_MODEL_TYPE and isinstance(quant_record, dict):
+                raw_config["model_type"] = quant_record.get("model_type")
         config = cls.config_class.from_dict(raw_config)
         # The config is checked against the safetensors headers before any tensor is allocated or read, so a
         # config that disagrees with its files (vocab_size: 20000000 beside 97 rows) is refused at no cost.

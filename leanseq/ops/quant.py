@@ -3,7 +3,8 @@
 `quantize_int8(model)` replaces the large Linear layers (Mamba: every mixer's in_proj and out_proj, x_proj too
 with `include_small=True`; the transformer: every q/k/v/o and gate/up/down projection; and the LM head) by
 `Int8Linear`: int8 weights (out, in) with one float32 scale per
-output row (symmetric, scale = max|w| / 127). Everything else stays float32: embeddings, norms, the conv,
+output row (symmetric, scale = max|w| / 127). Everything else stays float32: embeddings (unless tied to the
+head, below), norms, the conv,
 A_log, D, dt_proj / dt_bias, and the recurrent state or KV cache. The model keeps the whole contract (forward, step,
 generate, Session, SessionPool):
 
@@ -106,6 +107,7 @@ class Int8Embedding(nn.Module):
 
 
 QUANT_METHOD = "leanseq_int8"
+QUANTIZED_MODEL_TYPE = "leanseq_int8"  # config.json's model_type; the family is quantization_config.model_type
 QUANT_FORMAT_VERSION = 1
 # what every leanseq_int8 checkpoint keeps in float32, stated in its record for whoever reads config.json
 FLOAT32_PARTS = ["A_log", "D", "dt_proj / dt_bias", "conv1d", "norms", "recurrent state"]

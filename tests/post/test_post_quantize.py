@@ -22,8 +22,12 @@ def test_int8_model_saves_and_loads_back_with_the_same_logits(make, family, tmp_
     with torch.no_grad():
         before = q(ids)
     q.save_pretrained(tmp_path / "q")
-    record = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    record = config["quantization_config"]
     assert record["quant_method"] == "leanseq_int8" and record["modules"]["lm_head"] == "linear"
+    # loaders that do not know the int8 format (transformers, llama.cpp's converter) see an unknown model_type
+    # and refuse, instead of filling the missing float weights with random ones
+    assert config["model_type"] == "leanseq_int8" and record["model_type"] == q.config.model_type
     loaded = leanseq.load(tmp_path / "q")
     assert isinstance(loaded.lm_head, Int8Linear) and loaded.lm_head.qweight.dtype == torch.int8
     with torch.no_grad():
@@ -70,6 +74,9 @@ def test_load_refuses_int8_files_loaded_the_wrong_way(make, tmp_path):
     config = json.loads(config_file.read_text())
     record = config.pop("quantization_config")
     config_file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="int8 checkpoint.* but has no quantization_config"):
+        leanseq.load(tmp_path / "q")
+    config_file.write_text(json.dumps({**config, "model_type": "mamba"}))  # made to look like a float checkpoint
     with pytest.raises(CheckpointError, match="holds int8 tensors .* no quantization_config"):
         leanseq.load(tmp_path / "q")
     config["quantization_config"] = {**record, "modules": {**record["modules"], "backbone.layers.9.mixer.in_proj": "linear"}}
