@@ -40,6 +40,12 @@ def load(path: str | os.PathLike, device=None, dtype=None):
     path = hub.resolve(path)
 
     def load_version(folder):
+        if os.path.isfile(os.path.join(folder, "adapter_config.json")) and \
+                not os.path.exists(os.path.join(folder, "config.json")):
+            raise CheckpointError(
+                f"{folder} holds a LoRA adapter (peft's adapter_config.json), not a model: load its base model "
+                "with leanseq.load and put the adapter on it with leanseq.post.lora.load_adapter, or merge it into "
+                "a checkpoint (`leanseq finetune --merge`, leanseq.post.lora.merge_adapter)")
         config = read_config(folder)
         if original.is_original_config(config):
             return original.load_original(folder, config, device=device, dtype=dtype)

@@ -84,6 +84,8 @@ def test_adapters_for_another_base_and_unsupported_targets_are_refused(make, tmp
         add_lora(quantize_int8(make("mamba")))
     with pytest.raises(AdapterError, match="not a LoRA adapter folder"):
         load_adapter(make("mamba"), tmp_path)
+    with pytest.raises(leanseq.models.CheckpointError, match="holds a LoRA adapter .* not a model"):
+        leanseq.load(tmp_path / "adapter")
 
 
 def _words_text(folder):
