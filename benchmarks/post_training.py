@@ -4,6 +4,7 @@ accuracy against float32), distillation (teacher vs student alone vs distilled s
     python benchmarks/post_training.py                 # everything (about 15-20 minutes on a shared 2-core machine)
     python benchmarks/post_training.py --only quantize # or distill, lora
     python benchmarks/post_training.py --quick         # small settings, to check the script runs
+    python benchmarks/post_training.py --plot-only     # redraw docs/post_training.png from the JSON files
 
 Every ratio is against a peer measured in the same run (int8 and dynamic against float32; the distilled student
 against the teacher and the student trained alone on the same budget). Writes docs/post_training.json (or
@@ -98,12 +99,62 @@ def lora_section(quick: bool, scratch: Path) -> dict:
     return report
 
 
+def plot(folder: Path) -> Path | None:
+    """docs/post_training.png from the JSON files this script wrote: distillation accuracy, and the int8 /
+    float32 ratios (size, memory, decode speed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = {}
+    for name in ("post_training_train.json", "post_training_quantize.json", "post_training.json"):
+        if (folder / name).is_file():
+            found.update(json.loads((folder / name).read_text()))
+    if "distill" not in found and "quantize" not in found:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    if "distill" in found:
+        ax, width = axes[0], 0.25
+        teachers = list(found["distill"])
+        for i, row in enumerate(("teacher", "student alone", "student distilled")):
+            values = [found["distill"][t]["rows"][row]["accuracy"] for t in teachers]
+            ax.bar([x + (i - 1) * width for x in range(len(teachers))], values, width, label=row)
+        ax.set_xticks(range(len(teachers)), [f"teacher: {t}" for t in teachers])
+        ax.axhline(0.95 * max(found["distill"][t]["rows"]["teacher"]["accuracy"] for t in teachers), ls=":",
+                   color="grey", label="95% of teacher")
+        ax.set_ylabel("induction-heads accuracy")
+        ax.set_title("Distillation: student with 1/5 of the teacher's parameters")
+        ax.legend(fontsize=8, loc="lower right")
+    if "quantize" in found:
+        ax, width = axes[1], 0.25
+        cases = [k for k, v in found["quantize"].items() if v.get("threads") == 2]
+        metrics = (("disk_ratio", "smaller on disk"), ("memory_ratio", "smaller in memory"),
+                   ("decode_speedup", "faster decode step"))
+        for i, (key, label) in enumerate(metrics):
+            values = [found["quantize"][c]["rows"]["int8"].get(key, 0) for c in cases]
+            ax.bar([x + (i - 1) * width for x in range(len(cases))], values, width, label=label)
+        ax.set_xticks(range(len(cases)), [c.split(" (")[0] for c in cases], fontsize=8)
+        ax.axhline(1, color="black", lw=0.8)
+        ax.set_ylabel("int8 / float32 (x)")
+        ax.set_title("int8 against float32, 2 threads, same run")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = folder / "post_training.png"
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("quantize", "distill", "lora"), action="append")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="docs/post_training.json")
+    parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
+    if args.plot_only:
+        print(f"wrote {plot(Path(args.out).parent)}")
+        return 0
     sections = args.only or ["lora", "quantize", "distill"]
     results = {"torch": torch.__version__, "quick": args.quick}
     with tempfile.TemporaryDirectory(prefix="leanseq-post-") as tmp:
@@ -112,6 +163,9 @@ def main() -> int:
             results[name] = globals()[f"{name}_section"](args.quick, Path(tmp))
     Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"\nwrote {args.out}")
+    figure = plot(Path(args.out).parent)
+    if figure is not None:
+        print(f"wrote {figure}")
     return 0
 
 
