@@ -82,7 +82,7 @@ def register(subparsers) -> None:
         "leanseq's Trainer, and write OUT/adapter (peft's format plus the base model's identity), OUT/run "
         "(metrics) and with --merge OUT/merged (a plain checkpoint, loadable with leanseq.load). Prints the "
         "held-out loss and accuracy before and after as JSON.")
-    p.add_argument("model", help="float32 checkpoint folder")
+    p.add_argument("model", help="float32 checkpoint folder, or a model spec such as 'mamba:d_model=768,n_layers=24'")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--targets", help="comma-separated module names (default per family; see the README)")
     p.add_argument("--rank", type=positive_int, default=8, help="LoRA rank r (default 8)")
@@ -144,10 +144,10 @@ def register(subparsers) -> None:
 
 
 def _finetune(args) -> int:
-    import leanseq
+    from leanseq.bench.spec import resolve_model
     from leanseq.post.lora import LoraSettings, finetune
 
-    model = leanseq.load(args.model)
+    model, _ = resolve_model(args.model)
     targets = None if args.targets is None else tuple(t.strip() for t in args.targets.split(",") if t.strip())
     settings = LoraSettings(r=args.rank, alpha=args.alpha, targets=targets)
     report = finetune(model, _task(args), settings, _train_section(args), args.out, merge=args.merge,
@@ -158,11 +158,11 @@ def _finetune(args) -> int:
 
 
 def _distill(args) -> int:
-    import leanseq
+    from leanseq.bench.spec import resolve_model
     from leanseq.energy import meter_kwargs_from_args
     from leanseq.post.distill import DistillSettings, distill, format_report
 
-    teacher = leanseq.load(args.teacher)
+    teacher, _ = resolve_model(args.teacher, what="teacher")
     student = {"family": "mamba", "hidden_size": 24, "num_hidden_layers": 2, **_key_values(args.student_set,
                                                                                              "--student-set")}
     if student["family"] not in ("mamba", "mamba2", "transformer"):
