@@ -305,8 +305,8 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
             # know it (transformers, llama.cpp's converter) refuse the folder instead of filling in random weights
             config["quantization_config"] = {**quantization_config(self), "model_type": config["model_type"]}
             config["model_type"] = QUANTIZED_MODEL_TYPE
-            config["architectures"] = []
-        config["architectures"] = [self.hf_architecture] if getattr(self, "hf_architecture", None) else []
+        config["architectures"] = [self.hf_architecture] if getattr(self, "hf_architecture", None) \
+            and getattr(self, "quantization", None) is None else []  # no transformers class reads int8 files
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         if tokenizer is not None:
             for key in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -28,6 +28,7 @@ def test_int8_model_saves_and_loads_back_with_the_same_logits(make, family, tmp_
     # loaders that do not know the int8 format (transformers, llama.cpp's converter) see an unknown model_type
     # and refuse, instead of filling the missing float weights with random ones
     assert config["model_type"] == "leanseq_int8" and record["model_type"] == q.config.model_type
+    assert config["architectures"] == []
     loaded = leanseq.load(tmp_path / "q")
     assert isinstance(loaded.lm_head, Int8Linear) and loaded.lm_head.qweight.dtype == torch.int8
     with torch.no_grad():
