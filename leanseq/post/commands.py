@@ -40,13 +40,13 @@ def _task(args):
     return get_task(args.task, **overrides)
 
 
-def _train_section(args):
+def _train_section(args, weight_decay: float):
     from leanseq.train import TrainSection
 
     return TrainSection(steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=min(args.lr, 1e-4),
                         warmup_steps=min(args.warmup_steps, max(0, args.steps - 1)), eval_interval=0,
                         eval_batches=args.eval_batches, eval_batch_size=args.eval_batch_size, seed=args.seed,
-                        weight_decay=0.0)
+                        weight_decay=weight_decay)
 
 
 def _add_task_args(p) -> None:
@@ -150,7 +150,8 @@ def _finetune(args) -> int:
     model, _ = resolve_model(args.model)
     targets = None if args.targets is None else tuple(t.strip() for t in args.targets.split(",") if t.strip())
     settings = LoraSettings(r=args.rank, alpha=args.alpha, targets=targets)
-    report = finetune(model, _task(args), settings, _train_section(args), args.out, merge=args.merge,
+    # no weight decay on adapters: it would pull the update towards zero, i.e. towards the base model
+    report = finetune(model, _task(args), settings, _train_section(args, 0.0), args.out, merge=args.merge,
                       progress=not args.no_progress, tokenizer=_tokenizer_of(args.model))
     Path(args.out, "finetune_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))
@@ -169,7 +170,7 @@ def _distill(args) -> int:
         raise ValueError(f"--student-set family={student['family']!r}: choose mamba, mamba2 or transformer")
     settings = DistillSettings(temperature=args.temperature, kl_weight=args.kl_weight, task_weight=args.task_weight,
                                positions=args.kl_positions)
-    report = distill(teacher, student, _task(args), _train_section(args), args.out, settings,
+    report = distill(teacher, student, _task(args), _train_section(args, 0.1), args.out, settings,
                      meter_kwargs_from_args(args), progress=not args.no_progress)
     text = format_report(report)
     Path(args.out, "distill_report.md").write_text(text + "\n")
