@@ -37,8 +37,9 @@ def test_int8_model_saves_and_loads_back_with_the_same_logits(make, family, tmp_
     assert loaded.lm_head.qweight.nbytes * 3 < loaded.lm_head.in_features * loaded.lm_head.out_features * 4
 
 
-def test_int8_mamba_keeps_the_contract_tied_embeddings_read_the_int8_head(make, tmp_path):
-    model = make("mamba")  # tied by default
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_int8_mamba_keeps_the_contract_tied_embeddings_read_the_int8_head(make, family, tmp_path):
+    model = make(family, tied=True)
     q = quantize_int8(copy.deepcopy(model))
     assert isinstance(q.backbone.embeddings, Int8Embedding) and q.backbone.embeddings.qweight is q.lm_head.qweight
     q.save_pretrained(tmp_path / "q")
