@@ -20,6 +20,7 @@ from leanseq.post.lora import (
     merge_adapter,
     save_adapter,
 )
+from leanseq.stream import Session
 
 UNTIED_ALL = {family: TARGETS[t] for family, t in (("mamba", "mamba"), ("mamba2", "mamba2"), ("transformer", "llama"))}
 
@@ -46,6 +47,9 @@ def test_every_listed_target_trains_steps_saves_and_merges(make, family, tmp_pat
         adapted = peft_model(ids)
         assert float((adapted - plain).abs().max()) > 1e-2  # the adapters are in the computation
         torch.testing.assert_close(stepped(peft_model, ids), adapted, rtol=1e-4, atol=1e-4)
+        session = Session(peft_model)  # the contract holds through peft's wrapper
+        session.push(ids[0, :5])
+        torch.testing.assert_close(session.push(ids[0, 5:])[-1], adapted[0, -1], rtol=1e-4, atol=1e-4)
     if family != "transformer":  # the native step reads plain layers only, so it steps aside for adapters
         assert "not an nn.Linear" in decode.plan_for(peft_model.get_base_model()).error
     save_adapter(peft_model, tmp_path / "adapter")
