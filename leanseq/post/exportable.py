@@ -22,11 +22,16 @@ def check_exportable(model, fmt: str) -> None:
         raise UnsupportedExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     model_type = str(getattr(getattr(model, "config", None), "model_type", type(model).__name__))
     if model_type not in EXPORTABLE:
-        what = {"transformer": "the transformer baseline's KV cache grows by doubling and is written in place, "
-                               "which neither format's recurrent-state graph holds"}.get(model_type, "")
+        if model_type in ("llama", "leanseq_transformer") and fmt == "onnx":
+            hint = ("the transformer baseline's KV cache grows by doubling and is written in place, which this "
+                    "recurrent-state graph does not hold; run it with PyTorch (leanseq generate)")
+        elif model_type == "llama":
+            hint = ("the transformer baseline saves a Llama checkpoint, which llama.cpp's own converter reads: "
+                    "python convert_hf_to_gguf.py CHECKPOINT --outtype f32")
+        else:
+            hint = "run it with PyTorch (leanseq generate) instead"
         raise UnsupportedExportError(
-            f"cannot export a {model_type!r} model to {fmt}: only Mamba-1 and Mamba-2 models export"
-            + (f" ({what})" if what else "") + "; run it with PyTorch (leanseq generate) instead")
+            f"cannot export a {model_type!r} model to {fmt}: only Mamba-1 and Mamba-2 models export here; {hint}")
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.dtype != torch.float32:
             raise UnsupportedExportError(
