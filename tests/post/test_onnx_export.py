@@ -15,8 +15,8 @@ from leanseq.ops import decode, exporting, is_exporting, native
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from leanseq.post.exportable import UnsupportedExportError, check_exportable  # noqa: E402
-from leanseq.post.onnx_export import export_onnx  # noqa: E402
+from leanseq.post.exportable import UnsupportedExportError, check_exportable
+from leanseq.post.onnx_export import export_onnx
 
 # float32 sums in another order (onnxruntime vs torch): logits agree to this fraction of their largest magnitude
 RTOL = 1e-4
@@ -73,7 +73,7 @@ def test_prefill_graph_in_chunks_then_steps_equals_one_forward(exported, family)
     ids = np.random.default_rng(2).integers(0, model.vocab_size, size=(3, 19))  # 2 chunks of 8, then 3 steps
     got, edge_state = edge.prefill(ids, edge.init_state(3))
     with torch.no_grad():
-        ref, state = model(torch.from_numpy(ids), state=model.init_state(3), return_state=True)
+        ref = model(torch.from_numpy(ids), state=model.init_state(3))
     np.testing.assert_allclose(got, ref[:, -1].numpy(), rtol=0, atol=RTOL * max(1.0, float(ref.abs().max())))
     assert edge_state["position"].tolist() == [19, 19, 19]
 
