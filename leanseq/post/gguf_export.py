@@ -143,6 +143,8 @@ def export_gguf(model, path: str | os.PathLike, name: str | None = None) -> dict
         w.add_vocab_size(vocab)
         for tname, data in tensors.items():
             w.add_tensor(tname, data)
+        total, shared, expert, experts = w.get_total_parameter_count()
+        w.add_size_label(gguf.size_label(total, shared, expert, experts))  # as the converter labels it
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file(progress=False)
