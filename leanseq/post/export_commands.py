@@ -16,7 +16,7 @@ from leanseq.argtypes import int_at_least
 
 def register(subparsers) -> None:
     from leanseq.post.exportable import FORMATS
-    from leanseq.post.onnx_export import DEFAULT_PREFILL_CHUNK, EXPORTERS
+    from leanseq.post.onnx_export import DEFAULT_PREFILL_CHUNK
 
     p = subparsers.add_parser(
         "export", help="export a Mamba-1/Mamba-2 checkpoint to ONNX (edge runtime) or GGUF (llama.cpp)",
@@ -28,8 +28,6 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder (onnx) or .gguf file (gguf); replaced if it exists")
     p.add_argument("--prefill-chunk", type=int_at_least(0), default=DEFAULT_PREFILL_CHUNK,
                    help=f"onnx: tokens per prefill graph call (default {DEFAULT_PREFILL_CHUNK}; 0: step graph only)")
-    p.add_argument("--exporter", choices=EXPORTERS, default="torchscript",
-                   help="onnx: torch.onnx's tracing exporter (default, seconds) or the torch.export-based one")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run_export)
 
@@ -58,7 +56,7 @@ def run_export(args) -> int:
         from leanseq.post.onnx_export import export_onnx
 
         manifest = export_onnx(model, out, prefill_chunk=args.prefill_chunk, tokenizer=_tokenizer_of(args.checkpoint),
-                               exporter=args.exporter, progress=not args.json)
+                               progress=not args.json)
         check = manifest["check"]
         summary = {"format": "onnx", "out": str(out), "model_type": manifest["model_type"],
                    "files": {n: (out / n).stat().st_size for n in manifest["files"]},

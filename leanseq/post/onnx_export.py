@@ -45,7 +45,6 @@ PREFILL_INPUTS = ("input_ids", "position", "conv", "ssm")
 OUTPUTS = ("logits", "new_position", "new_conv", "new_ssm")
 DEFAULT_PREFILL_CHUNK = 64
 CHECK_STEPS = 16
-EXPORTERS = ("torchscript", "dynamo")
 OPSET = 17  # the torchscript exporter's opset: onnxruntime >= 1.14 runs it
 # onnxruntime and eager PyTorch sum in different orders: float32 logits agree to ~1e-5 of their scale
 CHECK_RTOL = 1e-4
@@ -95,21 +94,14 @@ def state_layout(model) -> dict:
 
 
 def _export_graph(graph: nn.Module, args: tuple, names: tuple[str, ...], batch_dims: tuple[int, ...],
-                  path: Path, external_data: bool, exporter: str) -> None:
-    """Trace `graph` on `args` into an ONNX file with a dynamic batch. exporter "torchscript" (torch.onnx's
-    tracing exporter: a few seconds) or "dynamo" (torch.export based: ~20x slower to export, same graph
-    semantics; its files are larger only by onnxscript's metadata)."""
+                  path: Path) -> None:
+    """Trace `graph` on `args` into an ONNX file with a dynamic batch, through torch.onnx's tracing exporter
+    (a few seconds; the torch.export-based one, dynamo=True, also exports these graphs but takes ~20x longer)."""
+    axes = {name: {dim: "batch"} for name, dim in zip(names + OUTPUTS, batch_dims + (0, 0, 1, 1))}
     with exporting(), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notes on shape reads, deprecation notes on the exporter
-        if exporter == "dynamo":
-            batch = torch.export.Dim("batch", min=1, max=4096)
-            torch.onnx.export(graph.eval(), args, str(path), dynamo=True, input_names=list(names),
-                              output_names=list(OUTPUTS), dynamic_shapes=tuple({d: batch} for d in batch_dims),
-                              external_data=external_data, verbose=False)
-        else:
-            axes = {name: {dim: "batch"} for name, dim in zip(names + OUTPUTS, batch_dims + (0, 0, 1, 1))}
-            torch.onnx.export(graph.eval(), args, str(path), dynamo=False, input_names=list(names),
-                              output_names=list(OUTPUTS), dynamic_axes=axes, opset_version=OPSET)
+        torch.onnx.export(graph.eval(), args, str(path), dynamo=False, input_names=list(names),
+                          output_names=list(OUTPUTS), dynamic_axes=axes, opset_version=OPSET)
 
 
 def _check_against_eager(model, folder: Path, prefill_chunk: int, steps: int = CHECK_STEPS) -> dict:
@@ -146,7 +138,7 @@ def _check_against_eager(model, folder: Path, prefill_chunk: int, steps: int = C
 
 
 def export_onnx(model, out_dir: str | os.PathLike, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                tokenizer=None, exporter: str = "torchscript", progress: bool = True) -> dict:
+                tokenizer=None, progress: bool = True) -> dict:
     """Write step.onnx (and prefill.onnx unless prefill_chunk=0), edge.json and the tokenizer into out_dir.
 
     The folder appears whole or not at all: everything is written into a scratch sibling first, checked
@@ -154,8 +146,6 @@ def export_onnx(model, out_dir: str | os.PathLike, prefill_chunk: int = DEFAULT_
     contents (with the check's figures). Raises UnsupportedExportError (a ValueError) for what cannot export.
     """
     check_exportable(model, "onnx")
-    if exporter not in EXPORTERS:
-        raise ValueError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or not 0 <= prefill_chunk <= 4096:
         raise ValueError(f"prefill_chunk must be an integer in [0, 4096] (0: no prefill graph), got {prefill_chunk!r}")
     model = model.eval()
@@ -167,11 +157,10 @@ def export_onnx(model, out_dir: str | os.PathLike, prefill_chunk: int = DEFAULT_
     scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
     try:
         n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        external = n_bytes > 1_800_000_000  # protobuf caps one file at 2 GB: bigger weights go beside it
-        if external and exporter != "dynamo":
+        if n_bytes > 1_800_000_000:  # protobuf caps one file at 2 GB
             raise UnsupportedExportError(
-                f"the weights take {n_bytes / 1e9:.1f} GB, over what one ONNX file holds (2 GB); the torchscript "
-                "exporter cannot write them beside the graph: pass --exporter dynamo")
+                f"the weights take {n_bytes / 1e9:.1f} GB, over what one ONNX graph file holds (2 GB); export a "
+                "smaller model, or use --format gguf (llama.cpp has no such limit)")
         state = model.init_state(2)
         s = state.tensors()
         timings = {}
@@ -183,14 +172,14 @@ def export_onnx(model, out_dir: str | os.PathLike, prefill_chunk: int = DEFAULT_
         t0 = time.perf_counter()
         say("[export] tracing model.step -> step.onnx")
         _export_graph(_StepGraph(model), (torch.zeros(2, dtype=torch.long), s["position"], s["conv"], s["ssm"]),
-                      STEP_INPUTS, (0, 0, 1, 1), scratch / "step.onnx", external, exporter)
+                      STEP_INPUTS, (0, 0, 1, 1), scratch / "step.onnx")
         timings["step_s"] = round(time.perf_counter() - t0, 2)
         if prefill_chunk:
             t0 = time.perf_counter()
             say(f"[export] tracing model(input_ids, state) over {prefill_chunk}-token chunks -> prefill.onnx")
             ids = torch.zeros(2, prefill_chunk, dtype=torch.long)
             _export_graph(_PrefillGraph(model), (ids, s["position"], s["conv"], s["ssm"]), PREFILL_INPUTS,
-                          (0, 0, 1, 1), scratch / "prefill.onnx", external, exporter)
+                          (0, 0, 1, 1), scratch / "prefill.onnx")
             timings["prefill_s"] = round(time.perf_counter() - t0, 2)
         say("[export] checking the graphs against eager PyTorch in onnxruntime")
         check = _check_against_eager(model, scratch, prefill_chunk)
@@ -214,7 +203,7 @@ def export_onnx(model, out_dir: str | os.PathLike, prefill_chunk: int = DEFAULT_
             "graphs": {"step": {"file": "step.onnx", "inputs": list(STEP_INPUTS), "outputs": list(OUTPUTS)}},
             "prefill_chunk": prefill_chunk,
             "opset": _opset(scratch / "step.onnx"),
-            "exporter": exporter,
+            "exporter": "torch.onnx (tracing, dynamo=False)",
             "torch_version": torch.__version__,
             "leanseq_version": __version__,
             "export_seconds": timings,

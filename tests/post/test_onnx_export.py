@@ -120,8 +120,6 @@ def test_export_refuses_other_families_quantized_and_half_models_saying_what_to_
     model = leanseq.load(bundled_checkpoint("tiny-mamba"))
     with pytest.raises(ValueError, match="prefill_chunk"):
         export_onnx(model, tmp_path / "p", prefill_chunk=-1)
-    with pytest.raises(ValueError, match="exporter"):
-        export_onnx(model, tmp_path / "e", exporter="tflite")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not an exported model"):
