@@ -30,7 +30,8 @@ def main(argv=None) -> int:
                                          top_k=args.top_k, seed=args.seed):
             print(piece, end="", flush=True)
         dt = time.perf_counter() - t0
-        print(f"\n[edge] {session.position} tokens in the stream; generated in {dt:.2f} s", file=sys.stderr)
+        print(flush=True)
+        print(f"[edge] {session.position} tokens in the stream; generated in {dt:.2f} s", file=sys.stderr)
         if args.state_out:
             session.save(args.state_out)
             print(f"[edge] state saved to {args.state_out}", file=sys.stderr)

@@ -141,3 +141,20 @@ def test_cli_export_onnx_then_refusal(tmp_path, capsys):
                  "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
     assert "leanseq export: error: cannot export a 'llama' model to onnx" in err
+
+
+def test_torch_export_of_model_step_needs_no_switch_and_matches_eager():
+    """torch.export.export stopped at the input check's .item() and at the C kernel: under its trace
+    (torch.compiler.is_exporting) both step aside by themselves."""
+    from leanseq.post.onnx_export import _StepGraph
+
+    model = leanseq.load(bundled_checkpoint("tiny-mamba"))
+    s = model.init_state(2)
+    program = torch.export.export(_StepGraph(model), (torch.tensor([1, 2]), s.position, s.conv, s.ssm))
+    state = model.init_state(2)
+    with torch.no_grad():
+        state = model.step(torch.tensor([5, 6]), state)[1]
+        logits, position, *_ = program.module()(torch.tensor([3, 4]), state.position, state.conv, state.ssm)
+        ref, ref_state = model.step(torch.tensor([3, 4]), state)
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    assert position.tolist() == ref_state.position.tolist() == [2, 2]
