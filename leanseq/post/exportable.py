@@ -20,6 +20,16 @@ def check_exportable(model, fmt: str) -> None:
     layers (an unmerged LoRA adapter), and for GGUF the options llama.cpp's Mamba graphs do not compute."""
     if fmt not in FORMATS:
         raise UnsupportedExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.dtype != torch.float32:
+            raise UnsupportedExportError(
+                f"cannot export to {fmt}: {name} is {t.dtype}, export needs the float32 model "
+                f"(load the checkpoint again without quantizing, or with dtype=torch.float32); "
+                + ("quantize the exported graph afterwards with onnxruntime.quantization"
+                   if fmt == "onnx" else "quantize the GGUF afterwards with llama-quantize"))
+        if t.device.type != "cpu":
+            raise UnsupportedExportError(f"cannot export to {fmt}: {name} is on {t.device}; move the model to "
+                                         "the CPU first (model.cpu())")
     model_type = str(getattr(getattr(model, "config", None), "model_type", type(model).__name__))
     if model_type not in EXPORTABLE:
         if model_type in ("llama", "leanseq_transformer") and fmt == "onnx":
@@ -32,16 +42,6 @@ def check_exportable(model, fmt: str) -> None:
             hint = "run it with PyTorch (leanseq generate) instead"
         raise UnsupportedExportError(
             f"cannot export a {model_type!r} model to {fmt}: only Mamba-1 and Mamba-2 models export here; {hint}")
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.dtype != torch.float32:
-            raise UnsupportedExportError(
-                f"cannot export to {fmt}: {name} is {t.dtype}, export needs the float32 model "
-                f"(load the checkpoint again without quantizing, or with dtype=torch.float32); "
-                + ("quantize the exported graph afterwards with onnxruntime.quantization"
-                   if fmt == "onnx" else "quantize the GGUF afterwards with llama-quantize"))
-        if t.device.type != "cpu":
-            raise UnsupportedExportError(f"cannot export to {fmt}: {name} is on {t.device}; move the model to "
-                                         "the CPU first (model.cpu())")
     for name, module in model.named_modules():
         kind = type(module)
         if kind.__module__.startswith("peft") or (name.endswith(("proj", "lm_head")) and kind is not nn.Linear):
