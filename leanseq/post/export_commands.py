@@ -32,9 +32,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_export)
 
 
-def _tokenizer_of(checkpoint: str):
+def _tokenizer_of(folder: Path):
     """The tokenizer saved beside the checkpoint, or None when it has none."""
-    folder = Path(checkpoint)
     if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()):
         return None
     from leanseq.text.tokenizer import load_tokenizer
@@ -50,12 +49,15 @@ def run_export(args) -> int:
         raise ValueError(f"--out {args.out!r} for --format gguf must be a file name ending in .gguf")
     if args.format == "onnx" and args.prefill_chunk > 4096:
         raise ValueError(f"--prefill-chunk {args.prefill_chunk} is over 4096 tokens; pick a smaller chunk")
+    from leanseq.models import hub
+
     t0 = time.perf_counter()
-    model = leanseq.load(args.checkpoint)
+    folder = hub.resolve(args.checkpoint)  # a Hub id's cached snapshot: its tokenizer files sit there
+    model = leanseq.load(folder)
     if args.format == "onnx":
         from leanseq.post.onnx_export import export_onnx
 
-        manifest = export_onnx(model, out, prefill_chunk=args.prefill_chunk, tokenizer=_tokenizer_of(args.checkpoint),
+        manifest = export_onnx(model, out, prefill_chunk=args.prefill_chunk, tokenizer=_tokenizer_of(folder),
                                progress=not args.json)
         check = manifest["check"]
         summary = {"format": "onnx", "out": str(out), "model_type": manifest["model_type"],
@@ -74,7 +76,7 @@ def run_export(args) -> int:
     else:
         from leanseq.post.gguf_export import export_gguf
 
-        info = export_gguf(model, out, name=Path(args.checkpoint).name)
+        info = export_gguf(model, out, name=folder.name)
         summary = {"format": "gguf", **info, "seconds": round(time.perf_counter() - t0, 2)}
         if not args.json:
             print(f"wrote {out} ({info['bytes'] / 1e6:.2f} MB, {info['architecture']}, {info['tensors']} tensors, "
