@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+from leanseq.ops.export_mode import is_exporting
+
 BATCH_DIM = 1
 
 
@@ -211,6 +213,8 @@ def validate_state(
             )
         if t.device != device:
             raise ValueError(f"state tensor {name!r} is on {t.device} but the model is on {device}")
+    if is_exporting():  # values are the runtime's inputs, not known while a graph is recorded
+        return
     position = state.position
     if position.numel() and int(position.min()) < 0:
         raise ValueError(f"state tensor 'position' holds {position.tolist()}; positions must be >= 0")

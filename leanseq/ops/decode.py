@@ -4,7 +4,7 @@ one call into compiled C (csrc/decode_step.c), float32 or int8 weights.
 How it is used: `model.step` (through `SSMLanguageModel._native_step`) and `SSMLanguageModel._step` call
 `try_step(model, token_ids, state)`, which returns None whenever the eager path must run instead: the kernel is
 switched off (LEANSEQ_NATIVE=0, read once on first use; `native.set_enabled(False)` or
-`set_enabled(False)` here), there is no compiler, weights or state are not float32 CPU tensors, autograd is
+`set_enabled(False)` here; inside `leanseq.ops.exporting()` or a torch.export trace), there is no compiler, weights or state are not float32 CPU tensors, autograd is
 recording and something requires a gradient, or the model has a part this kernel does not know.
 
 The plan. A model's plan is built on its first step: the model's sizes and one pointer per weight. Weights are
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from leanseq.ops import native
+from leanseq.ops.export_mode import is_exporting
 
 _SOURCE = Path(__file__).parent / "csrc" / "decode_step.c"
 
@@ -72,6 +73,8 @@ _env_enabled: bool | None = None  # LEANSEQ_NATIVE, read once on first use (os.e
 
 def enabled() -> bool:
     global _env_enabled
+    if is_exporting():  # a graph cannot record a call into C through raw pointers
+        return False
     if _enabled is not None:
         return _enabled
     flag = getattr(native, "_enabled", None)  # the scan kernel's switch (native.set_enabled) covers this too
