@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+from leanseq.ops.export_mode import is_exporting
+
 BATCH_DIM = 1
 
 
@@ -145,11 +147,15 @@ def _version(t: torch.Tensor) -> int | None:
 _get_version = operator.attrgetter("_version")
 
 
+_is_inference = torch.Tensor.is_inference
+
+
 def _versions(tensors) -> tuple[int | None, ...]:
-    try:
-        return tuple(map(_get_version, tensors))
-    except RuntimeError:  # an inference tensor has no version counter
+    # asked first, not tried: reading an inference tensor's _version raises a c10::Error, which records a C++
+    # backtrace (~20 us: a whole tiny decode step) on every call
+    if any(map(_is_inference, tensors)):  # an inference tensor has no version counter
         return tuple(map(_version, tensors))
+    return tuple(map(_get_version, tensors))
 
 
 _FIELDS: dict[type, tuple[tuple[str, ...], Callable[[object], tuple]]] = {}
@@ -207,6 +213,8 @@ def validate_state(
             )
         if t.device != device:
             raise ValueError(f"state tensor {name!r} is on {t.device} but the model is on {device}")
+    if is_exporting():  # values are the runtime's inputs, not known while a graph is recorded
+        return
     position = state.position
     if position.numel() and int(position.min()) < 0:
         raise ValueError(f"state tensor 'position' holds {position.tolist()}; positions must be >= 0")

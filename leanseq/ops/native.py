@@ -49,6 +49,8 @@ from pathlib import Path
 
 import torch
 
+from leanseq.ops.export_mode import is_exporting
+
 _SOURCE = Path(__file__).parent / "csrc" / "selective_scan.c"
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"]
 _DEFAULT_CC_TIMEOUT = 120.0
@@ -469,7 +471,10 @@ def status() -> str:
 
 
 def supports(*tensors) -> bool:
-    """The kernel handles float32 CPU tensors only; anything else takes the PyTorch path."""
+    """The kernel handles float32 CPU tensors only; anything else takes the PyTorch path (as does everything
+    while a graph is exported: see leanseq.ops.export_mode)."""
+    if is_exporting():
+        return False
     return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors) and available()
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from leanseq.ops import native
+from leanseq.ops.export_mode import is_exporting
 
 
 def _check(u, delta, A, B, C, initial_state):
@@ -174,15 +175,15 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, initial_state=None
     Only one chunk's (B, T, D, N) tensors exist at a time, never the whole (B, L, D, N). Inside a chunk the
     recurrence runs either as a parallel prefix scan (log2 T vectorised steps; suits GPUs) or as a tight
     in-place loop with a hand-written, recomputing backward (fastest on a CPU, for inference and training).
-    "auto" picks the loop on a CPU and the prefix scan elsewhere.
+    "auto" picks the loop on a CPU and the prefix scan elsewhere (and while exporting a graph).
     """
     _check(u, delta, A, B, C, initial_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     b, length, d = u.shape
     n = A.shape[-1]
-    if intra_chunk == "auto":
-        intra_chunk = "sequential" if u.device.type == "cpu" else "parallel"
+    if intra_chunk == "auto":  # an exported graph takes the vectorised prefix scan: no loop over positions
+        intra_chunk = "sequential" if u.device.type == "cpu" and not is_exporting() else "parallel"
     if intra_chunk not in ("parallel", "sequential"):
         raise ValueError(f"intra_chunk must be 'auto', 'parallel' or 'sequential', got {intra_chunk!r}")
     acc_dtype = _acc(A).dtype

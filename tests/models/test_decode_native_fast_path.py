@@ -113,6 +113,16 @@ def _data_expanded_view(m):
     d.data = d.data.as_strided(d.shape, (0,))
 
 
+def _data_narrowed_view(m):
+    w = m.backbone.layers[1].mixer.out_proj.weight
+    w.data = w.data[: w.shape[0] // 2]  # same address, fewer rows
+
+
+def _data_reshaped_view(m):
+    w = m.backbone.layers[0].mixer.in_proj.weight
+    w.data = w.data.view(w.shape[1], w.shape[0])  # same address, contiguous, other shape
+
+
 def _replaced_module(m):
     old = m.backbone.layers[0].mixer.x_proj
     new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
@@ -132,14 +142,32 @@ def _deleted(m):
     del m.backbone.layers[0].mixer.x_proj
 
 
-@pytest.mark.parametrize("change", [_data_other, _data_transposed_view, _data_expanded_view, _replaced_module,
-                                    _assign, _to, _deleted])
-def test_plan_is_stale_after_every_kind_of_swap(model, change):
+_SWAPS = [_data_other, _data_transposed_view, _data_expanded_view, _data_narrowed_view, _data_reshaped_view,
+          _replaced_module, _assign, _to, _deleted]
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+@pytest.mark.parametrize("change", _SWAPS)
+def test_plan_is_stale_after_every_kind_of_swap(model, change, guarded):
     _stepped(model)
     plan = model._native_decode_plan
+    assert (plan.layout_guard is not None) == (decode._layout_guard(plan.tensors) is not None)
+    if not guarded:
+        plan.layout_guard = None  # the exact Python comparison alone (a torch without TensorGuards)
     assert plan.fresh()
     change(model)
     assert not plan.fresh()
+
+
+def test_layout_guard_saying_no_falls_back_to_the_exact_comparison(model):
+    _stepped(model)
+    plan = model._native_decode_plan
+    with torch.inference_mode():  # the guard compares dispatch keys too: it says no here, the layouts agree
+        assert plan.fresh()
+        model.step(torch.tensor([3]), model.init_state(1))
+    assert model._native_decode_plan is plan
+    plan.layout_guard = lambda *tensors: False
+    assert plan.fresh()
 
 
 def test_plan_notices_requires_grad_switched_on_after_build(model):
