@@ -13,7 +13,8 @@ import importlib
 from leanseq.series.encoder import SeriesConfig, SeriesModel, ValueEncoder, gather_last
 
 # workload entry points, imported on first use (they pull in aeon, matplotlib, ...)
-_LAZY = {"classify": "leanseq.series.classification"}
+_LAZY = {"classify": "leanseq.series.classification", "forecast": "leanseq.series.forecasting",
+         "anomalies": "leanseq.series.anomaly_detection"}
 
 
 def __getattr__(name):
@@ -22,4 +23,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["SeriesConfig", "SeriesModel", "ValueEncoder", "classify", "gather_last"]
+__all__ = ["SeriesConfig", "SeriesModel", "ValueEncoder", "anomalies", "classify", "forecast", "gather_last"]

@@ -89,7 +89,7 @@ def _names(text: str | None):
 
 
 def run_forecast_command(args) -> int:
-    from leanseq.series.forecast import forecast, table
+    from leanseq.series.forecasting import forecast, table
 
     overrides = _overrides(args)
     for key, value in (("horizon", args.horizon), ("test_fraction", args.test_fraction)):
@@ -109,7 +109,7 @@ def run_forecast_command(args) -> int:
 
 
 def run_anomalies_command(args) -> int:
-    from leanseq.series.anomalies import anomalies, table
+    from leanseq.series.anomaly_detection import anomalies, table
 
     overrides = _overrides(args)
     if args.smooth is not None:

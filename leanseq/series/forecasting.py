@@ -64,7 +64,7 @@ class ForecastConfig:
     base: str = "seasonal"  # the forecast the model corrects: "seasonal" (seasonal naive) or "naive" (last value)
 
 
-QUICK = dict(hidden_size=16, num_layers=1, steps=20, eval_every=10, window=64, batch_size=4)
+QUICK = {"hidden_size": 16, "num_layers": 1, "steps": 20, "eval_every": 10, "window": 64, "batch_size": 4}
 
 
 # ---- the recipe: inputs and targets ---------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def train_forecaster(family: str, train: np.ndarray, season: int, cfg: ForecastC
         raise ValueError(f"{label}: the training part ({cut} points) leaves {len(usable)} usable positions at season "
                          f"{season}; give a longer series or a lower --test-fraction")
     # positions whose every target lies before val_start train; the rest, to the end of train, choose the step count
-    val_start = cut - max(1, int(round(cfg.val_fraction * cut)))
+    val_start = cut - max(1, round(cfg.val_fraction * cut))
     fit_targets = make_targets(train, base_season, cfg.horizon, end=val_start) / scale
     val_mask = np.zeros((cut, cfg.horizon), dtype=bool)
     val_mask[val_start - 1:] = ~np.isnan(targets[val_start - 1:])
@@ -362,7 +362,7 @@ def _run_one(values, info, cfg, families, meter, progress, tqdm) -> dict:
     from leanseq.series import baselines as bl
 
     n, m = len(values), info["season"]
-    cut = n - max(cfg.horizon, int(round(cfg.test_fraction * n)))
+    cut = n - max(cfg.horizon, round(cfg.test_fraction * n))
     if cut <= m + 8:
         raise ValueError(f"{info['name']}: {n} points leave a training part of {cut}, too short for season {m} "
                          f"(need more than {m + 8}); lower --test-fraction or the season")
@@ -424,8 +424,9 @@ def summarise(results: dict) -> dict:
 # ---- the report --------------------------------------------------------------------------------------------------
 def table(results: dict) -> str:
     h = results["config"]["horizon"]
-    lines = [f"| series | m | train/test | method | fitted | MASE 1-step | MASE {h}-step | MAE 1-step | "
-             "latency first/last ms (ratio) | J/update |", "|" + "---|" * 10]
+    header = (f"| series | m | train/test | method | fitted | MASE 1-step | MASE {h}-step | MAE 1-step | "
+              "latency first/last ms (ratio) | J/update |")
+    lines = [header, "|" + "---|" * 10]
     for r in results["series"]:
         for name, mrow in r["methods"].items():
             lat = mrow["latency"]

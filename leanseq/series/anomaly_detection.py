@@ -53,7 +53,7 @@ class AnomalyConfig:
     threads: int = 1
 
 
-QUICK = dict(hidden_size=16, num_layers=1, steps=20, eval_every=10, window=64, batch_size=4)
+QUICK = {"hidden_size": 16, "num_layers": 1, "steps": 20, "eval_every": 10, "window": 64, "batch_size": 4}
 
 
 def make_inputs(values: np.ndarray) -> np.ndarray:
@@ -67,7 +67,7 @@ def train_detector(normal: np.ndarray, cfg: AnomalyConfig, max_len: int, progres
     """A one-step forecaster trained on normal data only. Returns (model, (mean, std) of the normal values, info)."""
     from tqdm.auto import tqdm
 
-    from leanseq.series.forecast import build_model
+    from leanseq.series.forecasting import build_model
 
     n = len(normal)
     if n < 32:
@@ -129,7 +129,7 @@ def train_detector(normal: np.ndarray, cfg: AnomalyConfig, max_len: int, progres
 
 
 def _as_forecast_cfg(cfg: AnomalyConfig):
-    from leanseq.series.forecast import ForecastConfig
+    from leanseq.series.forecasting import ForecastConfig
 
     return ForecastConfig(family=cfg.family, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, seed=cfg.seed)
 
@@ -277,8 +277,8 @@ def summarise(results: dict) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = ["| series | points (anomalous) | method | ROC-AUC | PR-AUC | ms per observation | J per observation | "
-             "notes |", "|" + "---|" * 8]
+    header = "| series | points (anomalous) | method | ROC-AUC | PR-AUC | ms per observation | J per observation | notes |"
+    lines = [header, "|" + "---|" * 8]
     for r in results["series"]:
         for name, m in r["methods"].items():
             if m["kind"].startswith("leanseq"):
