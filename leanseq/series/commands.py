@@ -12,6 +12,7 @@ import importlib
 
 SUBCOMMAND_MODULES = [
     "leanseq.series.classify_commands",
+    "leanseq.series.stream_commands",
 ]
 
 

@@ -1,5 +1,5 @@
 """`leanseq series forecast` and `leanseq series anomalies`: added to the `leanseq series` group by
-leanseq/series/commands.py (`register_streaming(sub)`)."""
+leanseq/series/commands.py (SUBCOMMAND_MODULES)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def _overrides(args) -> dict:
     return {k: v for k, v in pairs.items() if v is not None}
 
 
-def register_streaming(sub) -> None:
+def add_subcommand(sub) -> None:
+    """Adds both `forecast` and `anomalies` to the `leanseq series` group."""
     from leanseq.series.sources import FORECAST_SOURCES
 
     p = sub.add_parser(
@@ -55,7 +56,7 @@ def register_streaming(sub) -> None:
     p.add_argument("series", nargs="*", help="named series (see above); none with --csv")
     _common(p)
     p.add_argument("--season", type=positive_int, default=None,
-                   help="seasonal period (required sense for --csv; default 1 = none; overrides a named series')")
+                   help="seasonal period (for --csv; default 1 = none; overrides a named series' own)")
     p.add_argument("--horizon", type=positive_int, default=None, help="steps ahead forecast at every origin (default 4)")
     p.add_argument("--test-fraction", type=fraction, default=None, help="scored tail of each series (default 0.2)")
     p.add_argument("--compare", default="transformer",

@@ -90,7 +90,7 @@ def test_zero_correction_is_seasonal_naive_as_statsforecast_computes_it():
 
 
 def test_seasonal_naive_mase_on_airline_matches_the_reference():
-    values, info = sources.load_forecast_series("airline")
+    values, _ = sources.load_forecast_series("airline")
     cut = len(values) - round(0.2 * len(values))
     run = baselines.walk_forward("SeasonalNaive", values, cut, 12, 1, Meter())
     mase = metrics.mae(run["forecasts"][:, 0], values[cut:]) / metrics.seasonal_naive_scale(values[:cut], 12)
@@ -148,3 +148,17 @@ def test_user_arrays_and_bad_settings():
         forecast(values=values[:20], season=12, out=None, quick=True, baselines=())
     with pytest.raises(ValueError, match="--target"):
         forecast(csv="x.csv", out=None, quick=True)
+
+
+def test_cli_runs_and_reports_a_bad_csv_in_one_line(tmp_path, capsys):
+    from leanseq.cli import main
+
+    assert main(["series", "forecast", "lynx", "--quick", "--no-progress", "--compare", "none",
+                 "--baselines", "SeasonalNaive", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "leanseq-mamba" in out and "SeasonalNaive" in out and (tmp_path / "forecast.md").is_file()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("day,sales\nmon,x\ntue,y\n")
+    assert main(["series", "forecast", "--csv", str(bad), "--target", "sales", "--quick"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "column 'sales' is not numeric" in err[0]
