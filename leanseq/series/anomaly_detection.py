@@ -42,6 +42,7 @@ class AnomalyConfig:
     num_layers: int = 2
     steps: int = 400
     eval_every: int = 25
+    patience: int = 6  # stop after this many evaluations without a better held-out loss
     window: int = 256
     batch_size: int = 16
     lr: float = 3e-3
@@ -122,6 +123,8 @@ def train_detector(normal: np.ndarray, cfg: AnomalyConfig, max_len: int, progres
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", val=f"{v:.3f}")
             if v < best[0]:
                 best = (v, step, copy.deepcopy(model.state_dict()))
+            elif step - best[1] >= cfg.patience * cfg.eval_every:
+                break
     model.load_state_dict(best[2])
     model.eval()
     return model, (mean, std), {"parameters": model.num_parameters(), "train_s": time.perf_counter() - start_time,

@@ -48,13 +48,13 @@ def _labels(labels) -> np.ndarray:
 
 
 def latency_summary(seconds: list[float] | np.ndarray, window: int | None = None) -> dict:
-    """Per-update latency: median over all updates, over the first and the last `window` updates (default 5% of
-    them, at least 5), and last/first: the flatness figure (1.0 = constant time per update)."""
+    """Per-update latency: median over all updates, over the first and the last `window` updates (default 10% of
+    them, at least 10, at most a third), and last/first: the flatness figure (1.0 = constant time per update)."""
     s = np.asarray(seconds, dtype=np.float64)
     if s.size == 0:
         raise ValueError("no latencies were recorded")
-    k = window or max(5, s.size // 20)
-    k = min(k, s.size)
+    k = window or max(10, s.size // 10)
+    k = max(1, min(k, s.size // 3))
     first, last = float(np.median(s[:k])), float(np.median(s[-k:]))
     return {"updates": int(s.size), "median_ms": 1e3 * float(np.median(s)), "first_ms": 1e3 * first,
             "last_ms": 1e3 * last, "last_over_first": last / first if first > 0 else float("nan"), "window": k}

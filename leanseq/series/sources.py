@@ -35,8 +35,8 @@ FORECAST_SOURCES = {
         ForecastSource("shampoo", 12, "monthly shampoo sales over 3 years (aeon load_shampoo_sales)", "aeon"),
         ForecastSource("solar", 48, "half-hourly GB national solar estimate, 6 days (aeon load_solar)", "aeon"),
         ForecastSource("msft", 1, "daily MSFT close 1986-2017 (pmdarima load_msft); season 1 = naive", "pmdarima"),
-        ForecastSource("taylor", 48, "half-hourly England & Wales electricity demand (pmdarima load_taylor)",
-                       "pmdarima"),
+        ForecastSource("taylor", 48, "half-hourly England & Wales electricity demand, last 2,000 of 4,032 points "
+                       "(pmdarima load_taylor)", "pmdarima", last=2000),
         ForecastSource("co2", 52, "weekly Mauna Loa CO2 1958-2001 (statsmodels co2)", "statsmodels"),
         ForecastSource("sunspots", 11, "yearly sunspot numbers 1700-2008 (statsmodels sunspots)", "statsmodels"),
     )

@@ -67,7 +67,7 @@ def test_mase_scale_is_the_in_sample_seasonal_naive_error():
 def test_streaming_features_equal_the_batch_recipe():
     rng = np.random.default_rng(0)
     values = np.cumsum(rng.normal(size=40)) + 5 * np.sin(np.arange(40))
-    batch = fc.make_inputs(values, 6)
+    batch = fc.make_inputs(values, 6, 3)
     stream = fc.StreamFeatures(6, 3, 1.0)
     rows = np.stack([stream.push(v) for v in values])
     np.testing.assert_allclose(rows, batch, equal_nan=True)
@@ -100,7 +100,7 @@ def test_seasonal_naive_mase_on_airline_matches_the_reference():
 def test_the_stream_never_looks_ahead():
     """Forecasts made at origins up to t0 do not change when every value after t0 is replaced."""
     torch.manual_seed(0)
-    model = SeriesModel.build("mamba", channels=3, out_features=2, task="regress", hidden_size=16, num_layers=1,
+    model = SeriesModel.build("mamba", channels=5, out_features=2, task="regress", hidden_size=16, num_layers=1,
                               seed=0).eval()
     rng = np.random.default_rng(1)
     values = np.cumsum(rng.normal(size=60))
