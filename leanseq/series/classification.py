@@ -704,7 +704,7 @@ def plot(report: dict, path: Path) -> None:
     ax1.set_ylim(max(0, low - 10), 101)
     ax1.set_ylabel("test accuracy %")
     ax1.set_title("Accuracy on the default test split (bars: mean ± std over seeds)")
-    ax1.legend(fontsize=7, ncol=2, loc="lower left")
+    ax1.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     fractions = [*ANYTIME_FRACTIONS, 1.0]
     for r in rows:
         o = r["ours"]
@@ -717,7 +717,7 @@ def plot(report: dict, path: Path) -> None:
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     from leanseq.stream.blob import write_atomic
 
