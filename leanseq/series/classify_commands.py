@@ -15,7 +15,7 @@ def add_subcommand(series_sub) -> None:
         help="classify UCR/UEA datasets aeon ships (or your CSV), beside MiniRocket and ROCKET",
         description="Train on each dataset's default train split, score once on its test split, for every seed; "
         "aeon's MiniRocket and ROCKET run on the same split in the same process. Prints a table (accuracy, "
-        "anytime accuracy at 25/50/75%% of each series, train seconds, joules per classified series, model "
+        "anytime accuracy at 25/50/75% of each series, train seconds, joules per classified series, model "
         "size, published figures) and writes classify.md/.json/.png to --out.",
     )
     p.add_argument("datasets", nargs="*", metavar="DATASET",
