@@ -53,7 +53,7 @@ def add_subcommand(sub) -> None:
         "AutoETS and AutoARIMA (fitted on the same training part, updated walk-forward) and a transformer of the same "
         "size run in the same process. Prints MAE/MASE, per-update latency and joules per update; writes "
         "forecast.md, .json and .png to --out. Series: " + ", ".join(FORECAST_SOURCES) + ".")
-    p.add_argument("series", nargs="*", help="named series (see above); none with --csv")
+    p.add_argument("series", nargs="*", help="named series (see above; default all of them)")
     _common(p)
     p.add_argument("--season", type=positive_int, default=None,
                    help="seasonal period (for --csv; default 1 = none; overrides a named series' own)")
@@ -71,7 +71,7 @@ def add_subcommand(sub) -> None:
         "arrives by its forecast error (read one at a time through a leanseq.stream.Session). aeon's DWT_MLEAD and "
         "KMeansAD score the same series in the same process. Prints ROC-AUC, PR-AUC and time per observation; writes "
         "anomalies.md, .json and .png to --out. Series: kdd-tsad-135, ecg-diff-count-3.")
-    p.add_argument("series", nargs="*", help="kdd-tsad-135 and/or ecg-diff-count-3; none with --csv")
+    p.add_argument("series", nargs="*", help="kdd-tsad-135 and/or ecg-diff-count-3 (default both)")
     _common(p)
     p.add_argument("--labels", default=None, help="with --csv: the 0/1 anomaly label column")
     p.add_argument("--normal-fraction", type=fraction, default=0.3,
@@ -102,7 +102,12 @@ def run_forecast_command(args) -> int:
     baselines = _names(args.baselines)
     if baselines is not None:
         overrides["baselines"] = baselines
-    results = forecast(args.series, csv=args.csv, target=args.target, season=args.season, out=args.out,
+    series = args.series
+    if not series and args.csv is None:
+        from leanseq.series.sources import forecast_series_names
+
+        series = forecast_series_names()  # no names: every series that ships
+    results = forecast(series, csv=args.csv, target=args.target, season=args.season, out=args.out,
                        quick=args.quick, progress=not args.no_progress, command=_command_line(), **overrides)
     print(table(results))
     print("wrote " + ", ".join(results["files"].values()))
@@ -115,7 +120,10 @@ def run_anomalies_command(args) -> int:
     overrides = _overrides(args)
     if args.smooth is not None:
         overrides["smooth"] = args.smooth
-    results = anomalies(args.series, csv=args.csv, target=args.target, labels_column=args.labels,
+    series = args.series
+    if not series and args.csv is None:
+        series = ["kdd-tsad-135", "ecg-diff-count-3"]  # no names: both labelled series that ship
+    results = anomalies(series, csv=args.csv, target=args.target, labels_column=args.labels,
                         normal_fraction=args.normal_fraction, out=args.out, quick=args.quick,
                         progress=not args.no_progress, command=_command_line(), **overrides)
     print(table(results))
