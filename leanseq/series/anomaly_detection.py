@@ -179,8 +179,8 @@ def resolve_inputs(series, values, labels, normal, csv, target, labels_column, n
         if values is None or labels is None or normal is None:
             raise ValueError("bring your own series with all three of values=, labels= (0/1 per value) and normal= "
                              "(anomaly-free data to train on)")
-        v, _ = sources.fill_forward(np.asarray(values, dtype=np.float64).reshape(-1), "values")
-        nrm, _ = sources.fill_forward(np.asarray(normal, dtype=np.float64).reshape(-1), "normal")
+        v, _ = sources.fill_forward(sources.as_series(values, "values"), "values")
+        nrm, _ = sources.fill_forward(sources.as_series(normal, "normal"), "normal")
         lab = np.asarray(labels).reshape(-1)
         if lab.shape != v.shape or not np.isin(lab, (0, 1)).all():
             raise ValueError(f"labels must hold one 0/1 per value ({len(v)}), got shape {lab.shape}")

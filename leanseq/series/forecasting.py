@@ -340,9 +340,7 @@ def resolve_inputs(series, values, csv, target, season, name) -> list[tuple[np.n
 
     chosen = []
     if values is not None:
-        array, filled = sources.fill_forward(np.asarray(values, dtype=np.float64).reshape(-1)
-                                             if np.asarray(values).dtype.kind in "fiu" else _non_numeric(values),
-                                             name or "values")
+        array, filled = sources.fill_forward(sources.as_series(values, "values"), name or "values")
         chosen.append((array, {"name": name or "values", "season": season, "description": "user array",
                                "filled": filled, "length": len(array)}))
     if csv is not None:
@@ -365,10 +363,6 @@ def resolve_inputs(series, values, csv, target, season, name) -> list[tuple[np.n
         if isinstance(info["season"], bool) or not isinstance(info["season"], int) or info["season"] < 1:
             raise ValueError(f"season must be a positive int (1 = no seasonality), got {info['season']!r}")
     return chosen
-
-
-def _non_numeric(values):
-    raise TypeError(f"values must be numbers, got an array of dtype {np.asarray(values).dtype}")
 
 
 def forecast(series=(), values=None, csv=None, target=None, season: int | None = None, name: str | None = None,

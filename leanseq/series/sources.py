@@ -89,6 +89,18 @@ def resolve_forecast_name(name: str) -> str:
     return key
 
 
+def as_series(values, what: str) -> np.ndarray:
+    """A user's array as one float64 univariate series: (n,) or (n, 1); anything else is refused, not flattened."""
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{what} must be numbers, got an array of dtype {arr.dtype}")
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be one univariate series of shape (n,) or (n, 1), got shape {arr.shape}")
+    return arr.astype(np.float64)
+
+
 def fill_forward(values: np.ndarray, what: str) -> tuple[np.ndarray, int]:
     """Carry the last observed value over NaN gaps (causal: nothing from the future). Returns (values, n filled).
 

@@ -144,6 +144,8 @@ def test_user_arrays_and_bad_settings():
         forecast(["airline"], out=None, quick=True, baselines=("Prophet",))
     with pytest.raises(TypeError, match="must be numbers"):
         forecast(values=["a", "b"], out=None, quick=True)
+    with pytest.raises(ValueError, match=r"one univariate series .* got shape \(80, 2\)"):
+        forecast(values=np.stack([values, values], axis=1), out=None, quick=True)
     with pytest.raises(ValueError, match="too short for season 12"):
         forecast(values=values[:20], season=12, out=None, quick=True, baselines=())
     with pytest.raises(ValueError, match="--target"):
