@@ -113,6 +113,8 @@ def test_the_stream_never_looks_ahead():
     np.testing.assert_array_equal(a["forecasts"][:same], b["forecasts"][:same])
     assert not np.allclose(a["forecasts"][same:], b["forecasts"][same:])
     assert a["latencies_s"].shape == (60,) and (a["latencies_s"] > 0).all()
+    # the latency probe times copies: the streams it started from stay where they were
+    assert a["probe"]["positions"] == [1, 60] and a["probe"]["first_ms"] > 0
 
 
 def test_quick_run_writes_the_report(tmp_path):
