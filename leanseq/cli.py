@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "leanseq.text.gen_commands",
     "leanseq.post.commands",
     "leanseq.post.export_commands",
+    "leanseq.series.commands",
 ]
 
 # What a user's input or environment can cause; the message alone says what to fix. ConfigError,

@@ -392,6 +392,9 @@ def atomic_write_dir(path: str | os.PathLike, write_fn) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the folder private; a checkpoint is an ordinary folder
         for f in tmp.iterdir():
+            if f.is_dir() and not f.is_symlink():  # a nested checkpoint (written, fsynced, by its own atomic write)
+                os.chmod(f, 0o777 & ~umask)
+                continue
             os.chmod(f, 0o666 & ~umask)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

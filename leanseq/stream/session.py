@@ -26,10 +26,17 @@ DEFAULT_PREFILL_CHUNK_SIZE = 256
 def coerce_tokens(model, token_ids, batch_size: int) -> tuple[torch.Tensor, str]:
     """Token ids in any accepted form -> ((B, n) LongTensor on the model's device, kind).
 
+    A model that reads something other than token ids (e.g. a leanseq.series.SeriesModel reading real values)
+    defines `coerce_stream_input(inputs, batch_size) -> ((B, n, ...) tensor, kind)` with the same kinds, and
+    `output_size` (the last dimension of its outputs); the session then streams its inputs the same way.
+
     kind says how the caller's input was shaped, so the logits come back in the same shape:
     "scalar" (one token, batch 1) -> (V,); "row" (one token per row, (B,) with B > 1) -> (B, V);
     "seq" (n tokens, batch 1) -> (n, V); "batch" ((B, n)) -> (B, n, V).
     """
+    coerce = getattr(model, "coerce_stream_input", None)
+    if coerce is not None:
+        return coerce(token_ids, batch_size)
     if isinstance(token_ids, bool) or (isinstance(token_ids, torch.Tensor) and token_ids.dtype == torch.bool):
         raise TypeError("token_ids must be integer token ids, got a bool")
     if isinstance(token_ids, float):
@@ -105,6 +112,12 @@ def check_chunk_size(prefill_chunk_size) -> int:
     return prefill_chunk_size
 
 
+def output_size(model) -> int:
+    """The last dimension of a model's outputs: its `output_size` where it states one, else the vocabulary."""
+    size = getattr(model, "output_size", None)
+    return int(size) if size is not None else model.vocab_size
+
+
 def check_last_logits(model, last_logits, batch_size: int) -> None:
     """Refuse logits a session could not have produced: a (batch_size, vocab) tensor of the model's dtype, on
     its device, with finite values (None, before the first token, is fine)."""
@@ -112,7 +125,7 @@ def check_last_logits(model, last_logits, batch_size: int) -> None:
         return
     if not isinstance(last_logits, torch.Tensor):
         raise TypeError(f"last_logits must be a torch.Tensor or None, got {type(last_logits).__name__}")
-    expected = (batch_size, model.vocab_size)
+    expected = (batch_size, output_size(model))
     if tuple(last_logits.shape) != expected:
         raise ValueError(f"last_logits has shape {tuple(last_logits.shape)}, expected (batch, vocab) = {expected}")
     if last_logits.dtype != model.dtype:

@@ -1,0 +1,46 @@
+"""`leanseq series ...`: the time-series commands. Each workload module adds its own subcommand here.
+
+The group is made once (`register`, called by leanseq.cli); every module in SUBCOMMAND_MODULES defines
+`add_subcommand(series_subparsers)` that adds one subcommand and sets its `func`. A new workload (forecasting,
+anomaly detection) adds its module to that list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+SUBCOMMAND_MODULES = [
+    "leanseq.series.classify_commands",
+    "leanseq.series.stream_commands",
+]
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def register(subparsers) -> None:
+    series = subparsers.add_parser("series", help="time series: classification and more, against the usual tools",
+                                   description="Time-series workloads measured side by side with the methods "
+                                   "practitioners use, on datasets that ship inside installed packages.")
+    series_sub = series.add_subparsers(dest="series_command", metavar="TASK")
+    series.set_defaults(func=lambda args: (series.print_help(), 2)[1])
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).add_subcommand(series_sub)
