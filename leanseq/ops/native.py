@@ -52,7 +52,11 @@ import torch
 from leanseq.ops.export_mode import is_exporting
 
 _SOURCE = Path(__file__).parent / "csrc" / "selective_scan.c"
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"]
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC"]
+# Linked in a second command without -ffast-math: linking with it adds crtfastmath.o, whose constructor turns on
+# flush-to-zero and denormals-are-zero for the loading thread, changing every later float operation of the
+# user's process (numpy warns "smallest subnormal ... is zero").
+_LINK_FLAGS = ["-shared"]
 _DEFAULT_CC_TIMEOUT = 120.0
 _RECORD_TAG = "leanseq-kernel-hmac-sha256-v1"
 _SECRET_BYTES = 32
@@ -375,7 +379,13 @@ def _compile_and_load(compiler: list[str], target: Path, secret: bytes, build_ke
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        _run_compiler([*compiler, *_FLAGS, *kernel.extra_flags, str(kernel.source), "-o", tmp, "-lm"], timeout)
+        obj = tmp[:-3] + ".o"
+        try:
+            _run_compiler([*compiler, *_FLAGS, *kernel.extra_flags, "-c", str(kernel.source), "-o", obj], timeout)
+            _run_compiler([*compiler, *_LINK_FLAGS, *kernel.extra_flags, obj, "-o", tmp, "-lm"], timeout)
+        finally:
+            if os.path.exists(obj):
+                os.unlink(obj)
         os.chmod(tmp, 0o700)  # the linker recreates the file with the umask's mode, which may let the group write
         fd = _open_private(Path(tmp))
     except BaseException:
@@ -412,7 +422,7 @@ def _load_or_build(compiler: list[str], target: Path, secret: bytes, build_key: 
 def _build(kernel: _Kernel = _SCAN_KERNEL) -> tuple[ctypes.CDLL, str]:
     compiler = _compiler_command()
     source = kernel.source.read_bytes()
-    key = hashlib.sha256(source + "\0".join(compiler + _FLAGS + list(kernel.extra_flags)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + "\0".join(compiler + _FLAGS + ["(link)"] + _LINK_FLAGS + list(kernel.extra_flags)).encode()).hexdigest()[:16]
     name = f"{kernel.source.stem}-{key}-{_cpu_tag()}.so"
     root, folder = _cache_root(), _cache_dir()
     problem = _prepare_cache(folder, root)

@@ -235,3 +235,22 @@ def test_enabling_after_a_disabled_first_use_still_builds():
         assert native.available(), native.status()
     finally:
         native.set_enabled(None)
+
+
+def test_loading_the_kernels_leaves_the_processs_floating_point_mode_alone(tmp_path):
+    """Both libraries are built with -ffast-math; linking with it would add crtfastmath.o, whose constructor
+    sets flush-to-zero / denormals-are-zero for the loading thread: every later float operation of the user's
+    process (Python floats, numpy, torch) would then treat subnormal numbers as zero."""
+    script = textwrap.dedent("""
+        import numpy as np
+        from leanseq.ops import decode, native
+        assert native.available() and decode.library() is not None, (native.status(), decode.status())
+        tiny = np.float32(1e-40)  # subnormal
+        assert float(tiny * np.float32(1.0)) != 0.0, "flush-to-zero is on"
+        assert 5e-324 * 1.0 != 0.0, "denormals-are-zero is on"
+        print("OK")
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("CC", "LEANSEQ_NATIVE")}
+    env.update(PYTHONPATH=str(REPO), LEANSEQ_CACHE=str(tmp_path), LEANSEQ_NATIVE="1")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
