@@ -63,7 +63,9 @@ class DNAConfig:
     num_heads: int = 2           # transformer (and Mamba-2's head count is derived from head_dim)
     mamba2_head_dim: int = 8
     intermediate_size: int = 32  # transformer's SwiGLU width
-    patch: int = 1               # bases per backbone token: >1 embeds non-overlapping k-mers (one-hot, linear)
+    patch: int = 1               # bases per backbone token (the embedding's stride)
+    embed_width: int = 0         # bases each token's embedding reads, ending at its patch (0: = patch); > patch
+                                 # overlaps the previous patches (a causal strided conv over one-hot bases)
     cnn_filters: int = 30
     cnn_width: int = 21
     classes: tuple[str, ...] = ()  # class names, saved with the model
@@ -81,11 +83,19 @@ class DNAConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"DNAConfig.{name} must be a positive int, got {value!r}")
+        if isinstance(self.embed_width, bool) or not isinstance(self.embed_width, int) or self.embed_width < 0:
+            raise ValueError(f"DNAConfig.embed_width must be an int >= 0, got {self.embed_width!r}")
+        if self.embed_width and self.embed_width < self.patch:
+            raise ValueError(f"embed_width {self.embed_width} must be 0 or at least patch ({self.patch})")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
         self.classes = tuple(str(c) for c in self.classes)
         if self.classes and len(self.classes) != self.num_classes:
             raise ValueError(f"{len(self.classes)} class names for num_classes={self.num_classes}")
+
+    @property
+    def kmer_width(self) -> int:
+        return self.embed_width or self.patch
 
     @property
     def num_outputs(self) -> int:
@@ -113,7 +123,7 @@ def build_backbone(cfg: DNAConfig):
     (tied, unused) LM head costs no parameters. The classifier runs it through forward_hidden."""
     # with patch > 1 the classifier embeds k-mers itself and the backbone's token embedding is never read:
     # one row keeps it (and the tied LM head) to hidden_size parameters
-    vocab = NUM_TOKENS if cfg.patch == 1 else 1
+    vocab = NUM_TOKENS if cfg.kmer_width == 1 else 1
     if cfg.backbone == "mamba":
         from leanseq.models.mamba import MambaConfig, MambaLM
 
@@ -177,9 +187,11 @@ class DNAClassifier(nn.Module):
             features = config.cnn_filters
         else:
             self.lm = build_backbone(config)
-            # patch > 1: k bases -> one token through a linear map of their one-hot codes (the backbone's own
-            # one-row embedding is then unused; it stays, tied to the unused LM head, and is counted)
-            self.patch_embed = nn.Linear(4 * config.patch, config.hidden_size) if config.patch > 1 else None
+            # k-mer embedding (kmer_width > 1): a causal conv over one-hot bases with stride patch, so each token
+            # reads the kmer_width bases ending at its patch (the backbone's one-row token embedding is then
+            # unused; it stays, tied to the unused LM head, and is counted)
+            k = config.kmer_width
+            self.patch_embed = nn.Conv1d(4, config.hidden_size, k, stride=config.patch) if k > 1 else None
             features = config.hidden_size
         self.head = nn.Linear(features, config.num_outputs)
 
@@ -193,20 +205,24 @@ class DNAClassifier(nn.Module):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     # ---- per-strand features ----------------------------------------------------------------------------
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids -> (B, L / patch, D) backbone inputs."""
-        k = self.config.patch
+    def embed(self, ids: torch.Tensor, left: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) ids -> (B, L / patch, D) backbone inputs. `left`: the (B, kmer_width - patch) bases before
+        ids (a stream's previous chunk); None means the sequence starts here (zeros: no base)."""
+        p, k = self.config.patch, self.config.kmer_width
         if k == 1:
             return embedding_of(self.lm)(ids)  # (B, L, D)
-        B, L = ids.shape
-        if L % k:
-            raise ValueError(f"sequence length {L} is not a multiple of the model's patch size {k}; trim or pad "
-                             f"the sequences (or chunks) to a multiple of {k} bases")
-        onehot = one_hot_bases(ids).transpose(1, 2).reshape(B, L // k, 4 * k)  # (B, L/k, 4k)
-        return self.patch_embed(onehot.to(self.patch_embed.weight.dtype))
+        L = ids.shape[1]
+        if L % p:
+            raise ValueError(f"sequence length {L} is not a multiple of the model's patch size {p}; trim or pad "
+                             f"the sequences (or chunks) to a multiple of {p} bases")
+        onehot = one_hot_bases(ids).to(self.patch_embed.weight.dtype)  # (B, 4, L)
+        if k > p:
+            pad = onehot.new_zeros(ids.shape[0], 4, k - p) if left is None else one_hot_bases(left).to(onehot.dtype)
+            onehot = torch.cat([pad, onehot], dim=2)  # (B, 4, k - p + L)
+        return self.patch_embed(onehot).transpose(1, 2)  # (B, L / p, D)
 
-    def _backbone_hidden(self, ids: torch.Tensor, state=None, return_state: bool = False):
-        embeds = self.embed(ids)  # (B, L/patch, D)
+    def _backbone_hidden(self, ids: torch.Tensor, state=None, return_state: bool = False, left=None):
+        embeds = self.embed(ids, left)  # (B, L/patch, D)
         return self.lm.forward_hidden(embeds, state=state, return_state=return_state)
 
     def _cnn_features(self, ids: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,8 @@ class StreamingClassifier:
         self.state = model.lm.init_state(batch_size)
         self.pooled: torch.Tensor | None = None  # (B, D): running max, sum or last row
         self.length = 0
+        # the last kmer_width - patch bases: the next chunk's first token reads them (None before any chunk)
+        self.tail: torch.Tensor | None = None
 
     @torch.no_grad()
     def push(self, ids: torch.Tensor) -> None:
@@ -44,7 +46,15 @@ class StreamingClassifier:
         check_ids(ids)
         if ids.shape[0] != self.batch_size:
             raise ValueError(f"chunk has {ids.shape[0]} rows, the stream {self.batch_size}")
-        hidden, self.state = self.model._backbone_hidden(ids, state=self.state, return_state=True)  # (B, l, D)
+        cfg = self.model.config
+        hidden, self.state = self.model._backbone_hidden(ids, state=self.state, return_state=True,
+                                                         left=self.tail)  # (B, l, D)
+        overlap = cfg.kmer_width - cfg.patch
+        if overlap > 0:
+            both = ids if self.tail is None else torch.cat([self.tail, ids], dim=1)
+            if both.shape[1] < overlap:
+                raise ValueError(f"the first chunk must hold at least {overlap} bases")
+            self.tail = both[:, -overlap:]
         how = self.model.config.pooling
         if how == "max":
             part = hidden.amax(1)
@@ -71,8 +81,9 @@ class StreamingClassifier:
         from leanseq.stream import blob
 
         info = {"batch_size": self.batch_size, "position": int(self.state.position[0]),
-                "prefill_chunk_size": 1, "metadata": {"dna_length": self.length,
-                                                       "pooled": None if self.pooled is None else self.pooled.tolist()}}
+                "prefill_chunk_size": 1, "metadata": {
+                    "dna_length": self.length, "pooled": None if self.pooled is None else self.pooled.tolist(),
+                    "tail": None if self.tail is None else self.tail.tolist()}}
         return blob.encode(self.model.lm, self.state, None, info)
 
     @classmethod
@@ -86,6 +97,8 @@ class StreamingClassifier:
         stream.length = int(meta.get("dna_length", 0))
         pooled = meta.get("pooled")
         stream.pooled = None if pooled is None else torch.tensor(pooled, dtype=model.lm.dtype)
+        tail = meta.get("tail")
+        stream.tail = None if tail is None else torch.tensor(tail, dtype=torch.long)
         return stream
 
 

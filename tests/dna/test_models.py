@@ -29,9 +29,9 @@ def mirror(hidden):
 
 
 @pytest.mark.parametrize("backbone", ["mamba", "mamba2", "transformer"])
-@pytest.mark.parametrize("patch", [1, 4])
-def test_ps_is_exactly_rc_equivariant_and_invariant(backbone, patch):
-    model = small(backbone, rc="ps", patch=patch, num_classes=3)
+@pytest.mark.parametrize("patch, embed_width", [(1, 0), (4, 10)])
+def test_ps_is_exactly_rc_equivariant_and_invariant(backbone, patch, embed_width):
+    model = small(backbone, rc="ps", patch=patch, embed_width=embed_width, num_classes=3)
     x = torch.randint(0, 5, (3, 48))
     rc = reverse_complement_ids(x)
     with torch.no_grad():
@@ -103,9 +103,10 @@ def test_load_refuses_a_plain_checkpoint(tmp_path):
         load_classifier(tmp_path / "lm")
 
 
-@pytest.mark.parametrize("rc, pooling", [("none", "max"), ("none", "mean"), ("ps", "max"), ("ph", "last")])
-def test_streaming_in_chunks_equals_the_whole_sequence(rc, pooling):
-    model = small("mamba", rc=rc, pooling=pooling, patch=4)
+@pytest.mark.parametrize("rc, pooling, embed_width", [("none", "max", 0), ("none", "mean", 10), ("ps", "max", 10),
+                                                      ("ph", "last", 0)])
+def test_streaming_in_chunks_equals_the_whole_sequence(rc, pooling, embed_width):
+    model = small("mamba", rc=rc, pooling=pooling, patch=4, embed_width=embed_width)
     x = torch.randint(0, 5, (2, 1000))
     with torch.no_grad():
         whole = model(x)
@@ -113,7 +114,7 @@ def test_streaming_in_chunks_equals_the_whole_sequence(rc, pooling):
 
 
 def test_stream_state_is_constant_size_and_restores(tmp_path):
-    model = small("mamba", rc="none", patch=4)
+    model = small("mamba", rc="none", patch=4, embed_width=8)
     x = torch.randint(0, 5, (1, 4096))
     stream = StreamingClassifier(model)
     sizes = []
@@ -129,6 +130,6 @@ def test_stream_state_is_constant_size_and_restores(tmp_path):
         resumed.push(x[:, start:start + 512])
     with torch.no_grad():
         torch.testing.assert_close(resumed.logits(), model(x), atol=1e-5, rtol=1e-5)
-    other = small("mamba", rc="none", patch=4, hidden_size=16)
+    other = small("mamba", rc="none", patch=4, embed_width=8, hidden_size=16)
     with pytest.raises(ValueError):
         StreamingClassifier.restore(other, saved)
