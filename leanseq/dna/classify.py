@@ -191,6 +191,7 @@ def classify(fasta=None, labels=None, test=None, test_labels=None, settings: Cla
         f"{data['length']} bp; classes {classes}")
     results = []
     wall_start = time.perf_counter()
+    cpu_start = time.process_time()
     for spec in settings.specs:
         runs = []
         for seed in range(settings.seeds):
@@ -216,7 +217,8 @@ def classify(fasta=None, labels=None, test=None, test_labels=None, settings: Cla
               "n_train": len(data["y"]), "n_test": len(data["test_y"]),
               "test_labels": data["test_y"].tolist(), "seeds": settings.seeds,
               "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "specs"},
-              "models": results, "wall_seconds": time.perf_counter() - wall_start, "meta": run_metadata()}
+              "models": results, "wall_seconds": time.perf_counter() - wall_start,
+              "cpu_seconds": time.process_time() - cpu_start, "meta": run_metadata()}
     if out is not None:
         write_report(report, out)
     return report
@@ -264,7 +266,8 @@ def write_report(report: dict, out: Path) -> None:
           (f"Data: {report['data']['source']}; {report['n_train']} train / {report['n_test']} test records of "
           f"{report['data']['length']} bp; split: {report['data']['split']}. {report['seeds']} seeds per model."), "",
           format_table(report),
-          (f"Energy: {first['energy_method']}. Wall time of the whole run: {report['wall_seconds']:.0f} s "
+          (f"Energy: {first['energy_method']}. Wall time of the whole run: {report['wall_seconds']:.0f} s, "
+           f"CPU time {report['cpu_seconds']:.0f} s "
           f"(torch {report['meta']['torch']}, {report['meta']['threads']} threads)."), ""]
     atomic_write(out / "classify.md", "\n".join(md))
     roc_plot(report, out / "classify.png")

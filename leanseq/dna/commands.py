@@ -49,7 +49,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-length", type=positive_int, default=1 << 15, help="longest evaluation length (default 32768)")
     p.add_argument("--n-test", type=positive_int, default=None, help="test sequences per length (default 200)")
     p.add_argument("--time-budget", type=positive_float, default=None,
-                   help="seconds per model and length for the evaluation (default 120)")
+                   help="CPU-seconds per model and length for the evaluation (default 180)")
     p.add_argument("--memory-budget", type=positive_float, default=None, help="GiB per model and length (default 4)")
     p.add_argument("--out", default="leanseq-out/dna", help="output folder (default leanseq-out/dna)")
     p.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
