@@ -82,3 +82,20 @@ def test_long_range_quick(tmp_path, capsys):
     assert (out / "long_range.png").stat().st_size > 1000
     assert "| mamba |" in capsys.readouterr().out
     assert load_classifier(out / "long-range-models" / "mamba").config.backbone == "mamba"
+
+
+def test_prepare_checks_the_wheel_and_detects_edits(tmp_path):
+    from leanseq.dna.data import default_wheel_path, prepare
+
+    wheel = default_wheel_path()  # fetched by make setup
+    folder = prepare(wheel, tmp_path / "janggu")
+    files = janggu_files(folder)
+    assert files["train"]["mafk"].name == "sample2.fa"
+    with open(files["test"]["oct4"], "a") as f:
+        f.write(">extra\nACGT\n")
+    with pytest.raises(JangguDataMissingError, match="does not match its manifest"):
+        janggu_files(folder)
+    fake = tmp_path / wheel.name
+    fake.write_bytes(wheel.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="sha256"):
+        prepare(fake, tmp_path / "other")
