@@ -128,7 +128,8 @@ def default_specs() -> list[LongRangeSpec]:
 @dataclass
 class LongRangeSettings:
     # the training curriculum, in order: (length in bp, fresh sequences, epochs over them)
-    curriculum: tuple[tuple[int, int, int], ...] = ((128, 16000, 8), (512, 4000, 2), (2048, 1000, 2))
+    curriculum: tuple[tuple[int, int, int], ...] = ((128, 16000, 8), (512, 4000, 2), (2048, 1000, 2),
+                                                   (8192, 800, 2))
     eval_lengths: tuple[int, ...] = tuple(2 ** k for k in range(10, 16))
     n_test: int = 200
     time_budget_s: float = 180.0         # CPU seconds per model and length, for the evaluation
