@@ -23,7 +23,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-
 WHEEL_NAME = "janggu-0.10.2-py2.py3-none-any.whl"
 WHEEL_SHA256 = "3825abe65578509232fcaa1e56f9eb5d71de105d70c9bcc9551357adc7d2fc47"
 PIP_COMMAND = "pip download --no-deps janggu==0.10.2 -d DIR"
