@@ -33,7 +33,9 @@ def register(subparsers) -> None:
     p.add_argument("--seeds", type=positive_int, default=5, help="training seeds per model (default 5)")
     p.add_argument("--models", default=None, help="comma-separated subset of the models (default: all)")
     p.add_argument("--out", default="leanseq-out/dna", help="output folder (default leanseq-out/dna)")
-    p.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch threads (default 1: these small models gain little from a second thread, and a "
+                   "second thread stalls whenever another process holds a core)")
     p.add_argument("--quick", action="store_true",
                    help="seconds-long smoke run: 1 epoch, 512 training and 64 test records")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -52,7 +54,9 @@ def register(subparsers) -> None:
                    help="CPU-seconds per model and length for the evaluation (default 180)")
     p.add_argument("--memory-budget", type=positive_float, default=None, help="GiB per model and length (default 4)")
     p.add_argument("--out", default="leanseq-out/dna", help="output folder (default leanseq-out/dna)")
-    p.add_argument("--threads", type=positive_int, default=2, help="torch threads (default 2)")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch threads (default 1: these small models gain little from a second thread, and a "
+                   "second thread stalls whenever another process holds a core)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run: tiny models, lengths 128 and 512")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
