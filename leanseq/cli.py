@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "leanseq.post.commands",
     "leanseq.post.export_commands",
     "leanseq.series.commands",
+    "leanseq.dna.commands",
 ]
 
 # What a user's input or environment can cause; the message alone says what to fix. ConfigError,

@@ -1,0 +1,274 @@
+"""`leanseq dna classify`: DNA sequence classification, models side by side over seeds, with a report.
+
+    report = classify()                                     # janggu's Oct4 vs Mafk peaks, default models, 5 seeds
+    report = classify({"enh": "enh.fa", "bg": "bg.fa"})     # your own FASTA, one file per class
+    report = classify("all.fa", labels="labels.tsv", test="test.fa", test_labels="test.tsv")
+
+Without a test file, records are split by a fixed seed (20% test). Records named by genome coordinates
+(chr:start-end, as janggu and bedtools write them) are split by 100 kb windows, so regions near each
+other land on the same side; other names are split record by record.
+
+Each model is trained once per seed from scratch on the training records and evaluated on the test records:
+accuracy, ROC-AUC with a 95% bootstrap interval over test records (the mean over seeds of each resample's
+AUC), training joules and joules per classified sequence (leanseq.energy.Meter; the method is in the
+report). The default models are sized so that the Mamba models have no more parameters than the CNN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from leanseq.dna.fasta import read_labelled, stack_equal_length
+from leanseq.dna.models import DNAClassifier, DNAConfig, save_classifier
+from leanseq.dna.train import evaluate, fit
+
+
+@dataclass
+class ModelSpec:
+    """One contestant: its architecture and its training recipe."""
+
+    name: str
+    config: dict
+    epochs: int
+    lr: float
+    batch_size: int = 64
+    weight_decay: float = 0.0
+
+
+def default_specs() -> list[ModelSpec]:
+    # Sizes: each Mamba has no more parameters than the janggu CNN (2,581), the transformer about as many.
+    # Mamba and the transformer read 2-base patches (a linear k-mer embedding; see DNAConfig.patch), and
+    # Mamba's depthwise causal conv spans 8 patches (16 bp, a motif's width). Epochs were chosen so the whole
+    # run (5 seeds) takes about 10 minutes of one core (570 CPU-s measured); classify.json keeps each run's
+    # training loss per epoch.
+    mamba = {"backbone": "mamba", "hidden_size": 16, "num_layers": 1, "state_size": 4, "patch": 2,
+             "conv_kernel": 8, "pooling": "max"}
+    return [
+        ModelSpec("cnn", {"backbone": "cnn", "cnn_filters": 30, "cnn_width": 21, "pooling": "max"},
+                  epochs=15, lr=1e-2),
+        ModelSpec("transformer-ph", {"backbone": "transformer", "rc": "ph", "hidden_size": 16, "num_layers": 1,
+                                     "num_heads": 2, "intermediate_size": 24, "patch": 2, "pooling": "max"},
+                  epochs=8, lr=1e-2),
+        ModelSpec("mamba-ph", {**mamba, "rc": "ph"}, epochs=8, lr=1e-2),
+        ModelSpec("mamba-ps", {**mamba, "rc": "ps"}, epochs=8, lr=1e-2),
+    ]
+
+
+def quick_specs() -> list[ModelSpec]:
+    """Seconds-long versions of the defaults (for tests): one epoch each."""
+    return [dataclasses.replace(s, epochs=1) for s in default_specs()]
+
+
+@dataclass
+class ClassifySettings:
+    seeds: int = 5
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    iupac: str = "n"
+    max_train: int | None = None     # use only the first n training records (after shuffling): --quick
+    max_test: int | None = None
+    n_boot: int = 1000
+    save_models: bool = True         # each model's seed-0 checkpoint under out_dir/models/<name>
+    specs: list[ModelSpec] = field(default_factory=default_specs)
+
+    def __post_init__(self):
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        names = [s.name for s in self.specs]
+        if len(set(names)) != len(names) or not names:
+            raise ValueError(f"model names must be unique and at least one: {names}")
+
+
+COORD = re.compile(r"^(?P<chrom>[^:\s]+):(?P<start>\d+)-(?P<end>\d+)")
+WINDOW_BP = 100_000
+
+
+def split_records(records, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (train, test). Coordinate names -> whole 100 kb windows go to one side; else per record."""
+    groups: dict[str, list[int]] = {}
+    for i, rec in enumerate(records):
+        m = COORD.match(rec.name)
+        key = f"{m['chrom']}:{int(m['start']) // WINDOW_BP}" if m else f"record:{rec.name}"
+        groups.setdefault(key, []).append(i)
+    keys = sorted(groups)
+    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
+    target = max(1, round(test_fraction * len(records)))
+    test, train = [], []
+    for j in order:
+        (test if len(test) < target else train).extend(groups[keys[j]])
+    if not train:
+        raise ValueError(f"{len(records)} records are too few to split into train and test")
+    return sorted(train), sorted(test)
+
+
+def load_dataset(fasta=None, labels=None, test=None, test_labels=None, settings: ClassifySettings | None = None):
+    """-> dict with train/test ids and labels, class names and a description of the data and split."""
+    settings = settings or ClassifySettings()
+    if fasta is None:
+        from leanseq.dna.data import janggu_files
+
+        if test is not None or labels is not None:
+            raise ValueError("test and labels need your own training FASTA too")
+        files = janggu_files()
+        fasta, test = files["train"], files["test"]
+        source = ("janggu 0.10.2 resources: train sample.fa (Oct4) + sample2.fa (Mafk), test sample_test.fa + "
+                  "sample2_test.fa (janggu's own split)")
+    else:
+        source = f"user FASTA: {fasta}"
+    records, y, classes = read_labelled(fasta, labels, settings.iupac)
+    if test is not None:
+        test_records, test_y, test_classes = read_labelled(test, test_labels, settings.iupac)
+        if test_classes != classes:
+            raise ValueError(f"the test set's classes {test_classes} differ from the training set's {classes}")
+        train_idx, split = list(range(len(records))), "given test files"
+    else:
+        train_idx, test_idx = split_records(records, settings.test_fraction, settings.split_seed)
+        test_records, test_y = [records[i] for i in test_idx], y[test_idx]
+        records, y = [records[i] for i in train_idx], y[train_idx]
+        split = (f"{settings.test_fraction:.0%} of records to test, seed {settings.split_seed}, grouped by "
+                 f"{WINDOW_BP // 1000} kb windows where names are coordinates")
+    x, test_x = stack_equal_length(records), stack_equal_length(test_records)
+    if x.shape[1] != test_x.shape[1]:
+        raise ValueError(f"training records are {x.shape[1]} bp but test records {test_x.shape[1]} bp; use one length")
+    gen = torch.Generator().manual_seed(settings.split_seed)
+    if settings.max_train is not None and settings.max_train < len(y):
+        keep = torch.randperm(len(y), generator=gen)[:settings.max_train]
+        x, y = x[keep], y[keep]
+    if settings.max_test is not None and settings.max_test < len(test_y):
+        keep = torch.randperm(len(test_y), generator=gen)[:settings.max_test]
+        test_x, test_y = test_x[keep], test_y[keep]
+    return {"x": x, "y": y, "test_x": test_x, "test_y": test_y, "classes": classes, "source": source,
+            "split": split, "length": int(x.shape[1])}
+
+
+def _bootstrap_mean_auc(labels, seed_scores, n_boot: int, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean-over-seeds ROC-AUC, resampling test records."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    values = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(labels), len(labels))
+        if labels[idx].min() == labels[idx].max():
+            continue
+        values.append(np.mean([roc_auc_score(labels[idx], s[idx]) for s in seed_scores]))
+    lo, hi = np.quantile(values, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def run_metadata() -> dict:
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "machine": platform.machine(), "python": platform.python_version(),
+            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def classify(fasta=None, labels=None, test=None, test_labels=None, settings: ClassifySettings | None = None,
+             out_dir: str | os.PathLike | None = "leanseq-out/dna", progress: bool = True, log=print,
+             meter_kwargs: dict | None = None) -> dict:
+    """Train every model of settings.specs for settings.seeds seeds; return the report dict (also written to
+    out_dir as classify.json, classify.md and classify.png when out_dir is given). See the module docstring."""
+    from leanseq.energy import Meter
+
+    settings = settings or ClassifySettings()
+    data = load_dataset(fasta, labels, test, test_labels, settings)
+    classes, n_classes = data["classes"], len(data["classes"])
+    meter = Meter(**(meter_kwargs or {}))
+    out = Path(out_dir) if out_dir is not None else None
+    log(f"data: {data['source']}; {len(data['y'])} train / {len(data['test_y'])} test records of "
+        f"{data['length']} bp; classes {classes}")
+    results = []
+    wall_start = time.perf_counter()
+    cpu_start = time.process_time()
+    for spec in settings.specs:
+        runs = []
+        for seed in range(settings.seeds):
+            torch.manual_seed(seed)
+            config = DNAConfig(**{**spec.config, "num_classes": n_classes, "classes": tuple(classes)})
+            model = DNAClassifier(config)
+            fitted = fit(model, data["x"], data["y"], epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
+                         weight_decay=spec.weight_decay, seed=seed, progress=progress,
+                         desc=f"{spec.name} seed {seed}", meter=meter)
+            scores = evaluate(model, data["test_x"], data["test_y"], meter=meter, desc=f"{spec.name} test")
+            proba = scores.pop("proba")
+            runs.append({"seed": seed, "accuracy": scores["accuracy"], "roc_auc": scores["roc_auc"],
+                         "train_joules": fitted.train_joules, "train_seconds": fitted.train_seconds,
+                         "test_joules": scores["test_joules"], "joules_per_sequence": scores["joules_per_sequence"],
+                         "losses": fitted.losses, "energy_method": fitted.energy_method,
+                         "scores": proba[:, 1].tolist() if n_classes == 2 else proba.tolist()})
+            log(f"{spec.name} seed {seed}: accuracy {scores['accuracy']:.3f}, ROC-AUC {scores['roc_auc']:.4f}, "
+                f"train {fitted.train_joules:.0f} J ({fitted.train_seconds:.0f} s), final loss {fitted.final_loss:.3f}")
+            if seed == 0 and out is not None and settings.save_models:
+                save_classifier(model, out / "classify-models" / spec.name)
+        results.append(summarise(spec, model.num_parameters(), runs, data["test_y"], settings, n_classes))
+    report = {"task": "classify", "data": {k: data[k] for k in ("source", "split", "length", "classes")},
+              "n_train": len(data["y"]), "n_test": len(data["test_y"]),
+              "test_labels": data["test_y"].tolist(), "seeds": settings.seeds,
+              "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k != "specs"},
+              "models": results, "wall_seconds": time.perf_counter() - wall_start,
+              "cpu_seconds": time.process_time() - cpu_start, "meta": run_metadata()}
+    if out is not None:
+        write_report(report, out)
+    return report
+
+
+def summarise(spec: ModelSpec, n_params: int, runs: list[dict], test_y, settings, n_classes: int) -> dict:
+    def mean_std(key):
+        values = [r[key] for r in runs]
+        m = sum(values) / len(values)
+        s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        return m, s
+
+    acc, acc_sd = mean_std("accuracy")
+    auc, auc_sd = mean_std("roc_auc")
+    ci = None
+    if n_classes == 2 and settings.n_boot > 0:
+        import numpy as np
+
+        ci = _bootstrap_mean_auc(test_y.numpy(), [np.asarray(r["scores"]) for r in runs], settings.n_boot)
+    return {"name": spec.name, "spec": dataclasses.asdict(spec), "parameters": n_params,
+            "accuracy": acc, "accuracy_sd": acc_sd, "roc_auc": auc, "roc_auc_sd": auc_sd, "roc_auc_ci95": ci,
+            "train_joules": mean_std("train_joules")[0], "train_seconds": mean_std("train_seconds")[0],
+            "joules_per_sequence": mean_std("joules_per_sequence")[0],
+            "energy_method": runs[0]["energy_method"], "runs": runs}
+
+
+def format_table(report: dict) -> str:
+    lines = [("| model | parameters | accuracy | ROC-AUC (mean ± sd over seeds) | ROC-AUC 95% CI | train J | "
+             "train s | J per sequence |"), "|---|---|---|---|---|---|---|---|"]
+    for m in report["models"]:
+        ci = f"{m['roc_auc_ci95'][0]:.3f}-{m['roc_auc_ci95'][1]:.3f}" if m["roc_auc_ci95"] else "-"
+        lines.append(f"| {m['name']} | {m['parameters']:,} | {m['accuracy']:.3f} ± {m['accuracy_sd']:.3f} | "
+                     f"{m['roc_auc']:.4f} ± {m['roc_auc_sd']:.4f} | {ci} | {m['train_joules']:.0f} | "
+                     f"{m['train_seconds']:.0f} | {m['joules_per_sequence']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out: Path) -> None:
+    from leanseq.dna.report import atomic_write, roc_plot
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "classify.json", json.dumps(report, indent=1) + "\n")
+    first = report["models"][0]["runs"][0]
+    md = [f"# leanseq dna classify ({report['meta']['time_utc']})", "",
+          (f"Data: {report['data']['source']}; {report['n_train']} train / {report['n_test']} test records of "
+          f"{report['data']['length']} bp; split: {report['data']['split']}. {report['seeds']} seeds per model."), "",
+          format_table(report),
+          (f"Energy: {first['energy_method']}. Wall time of the whole run: {report['wall_seconds']:.0f} s, "
+           f"CPU time {report['cpu_seconds']:.0f} s "
+          f"(torch {report['meta']['torch']}, {report['meta']['threads']} threads)."), ""]
+    atomic_write(out / "classify.md", "\n".join(md))
+    roc_plot(report, out / "classify.png")
