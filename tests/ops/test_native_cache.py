@@ -252,5 +252,6 @@ def test_loading_the_kernels_leaves_the_processs_floating_point_mode_alone(tmp_p
     """)
     env = {k: v for k, v in os.environ.items() if k not in ("CC", "LEANSEQ_NATIVE")}
     env.update(PYTHONPATH=str(REPO), LEANSEQ_CACHE=str(tmp_path), LEANSEQ_NATIVE="1")
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
