@@ -129,3 +129,20 @@ def test_weights_on_the_meta_device_are_named(make_model):
     model.backbone.norm_f.to("meta")
     with pytest.raises(ValueError, match="'backbone.norm_f.weight' is on the meta device"):
         weights_hash(model)
+
+
+def test_frozen_weights_hash_given_once_matches_hashing_each_time(mamba):
+    """A server hashes its frozen weights once and passes the hash: the blob is the same bytes, restores the same,
+    and a blob of other weights is still refused."""
+    session = Session(mamba)
+    session.push([1, 2, 3])
+    frozen = weights_hash(mamba)
+    blob = session.state_bytes(weights_sha256=frozen)
+    assert blob == session.state_bytes()
+    restored = Session.restore(mamba, blob, weights_sha256=frozen)
+    assert torch.equal(restored.push(4), session.push(4))
+    other = "0" * 64  # what the weights hash of a changed model would be: not this model's
+    with pytest.raises(StateMismatchError, match="different weights"):
+        Session.restore(mamba, blob, weights_sha256=other)
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        session.state_bytes(weights_sha256="abc")
