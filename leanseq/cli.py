@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "leanseq.bench.repro_commands",
     "leanseq.text.commands",
     "leanseq.text.gen_commands",
+    "leanseq.serve.commands",
 ]
 
 # What a user's input or environment can cause; the message alone says what to fix. ConfigError,

@@ -1,0 +1,152 @@
+"""Where session states live between requests: a small store interface and its SQLite (WAL) implementation.
+
+The server writes a session's state blob (leanseq.stream's checksummed bytes) here before it acknowledges the
+push that produced it, and reads it back when the session is not in memory (after an idle eviction or a
+restart). Everything a store needs is in `Store`; a networked store (Postgres, Redis, FoundationDB) shared by
+several replicas that route sessions by id implements the same few methods.
+
+SQLite settings: WAL journal, so readers never block the writer and a commit is one append to the log; and
+synchronous=NORMAL by default, under which a committed transaction survives the process being killed (SIGKILL,
+OOM, a crash) but the last commits may be lost if the whole machine loses power. synchronous="full" fsyncs the
+log on every commit and survives power loss too, at a few milliseconds per commit on an ordinary disk.
+"""
+
+from __future__ import annotations
+
+import abc
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SYNC_MODES = ("normal", "full")
+
+
+@dataclass
+class StoredSession:
+    session_id: str
+    owner: str
+    blob: bytes
+    position: int
+    updated: float
+
+
+class Store(abc.ABC):
+    """The few operations the server needs; a write returns only once the data is durable."""
+
+    @abc.abstractmethod
+    def put_many(self, rows: list[tuple[str, str, bytes, int]]) -> None:
+        """Insert or replace (session_id, owner, blob, position) rows, all in one durable transaction."""
+
+    @abc.abstractmethod
+    def get(self, session_id: str) -> StoredSession | None: ...
+
+    @abc.abstractmethod
+    def delete(self, session_id: str) -> bool:
+        """Remove a session; True if it was there."""
+
+    @abc.abstractmethod
+    def owners(self) -> dict[str, str]:
+        """{session_id: owner} for every stored session (the server counts sessions per key from it)."""
+
+    @abc.abstractmethod
+    def quarantine(self, session_id: str, reason: str) -> None:
+        """Move a session whose blob cannot be loaded out of the way, keeping its bytes and the reason."""
+
+    @abc.abstractmethod
+    def quarantined(self) -> list[tuple[str, str]]:
+        """(session_id, reason) of every quarantined session."""
+
+    def close(self) -> None:
+        """Flush and release the store."""
+
+
+class SQLiteStore(Store):
+    """Sessions in one SQLite file in WAL mode. One connection, used under a lock (the server's engine thread
+    writes; request handlers may read)."""
+
+    def __init__(self, path: str | Path, synchronous: str = "normal"):
+        if synchronous not in SYNC_MODES:
+            raise ValueError(f"synchronous must be one of {SYNC_MODES}, got {synchronous!r}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise ValueError(f"{self.path} is not a usable SQLite session store: {exc}") from exc
+        if str(mode).lower() != "wal":
+            raise ValueError(f"{self.path}: SQLite refused WAL mode (got {mode!r}); put the store on a local disk")
+        self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        self._db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS sessions (
+                id TEXT PRIMARY KEY, owner TEXT NOT NULL, blob BLOB NOT NULL,
+                position INTEGER NOT NULL, updated REAL NOT NULL);
+            CREATE TABLE IF NOT EXISTS quarantine (
+                id TEXT NOT NULL, owner TEXT, blob BLOB, reason TEXT NOT NULL, at REAL NOT NULL);
+            """
+        )
+
+    def put_many(self, rows):
+        if not rows:
+            return
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO sessions (id, owner, blob, position, updated) VALUES (?, ?, ?, ?, ?)",
+                    [(sid, owner, sqlite3.Binary(blob), position, now) for sid, owner, blob, position in rows],
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def get(self, session_id):
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, owner, blob, position, updated FROM sessions WHERE id = ?", (session_id,)
+            ).fetchone()
+        if row is None:
+            return None
+        return StoredSession(row[0], row[1], bytes(row[2]), int(row[3]), float(row[4]))
+
+    def delete(self, session_id):
+        with self._lock:
+            cur = self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+        return cur.rowcount > 0
+
+    def owners(self):
+        with self._lock:
+            return dict(self._db.execute("SELECT id, owner FROM sessions").fetchall())
+
+    def quarantine(self, session_id, reason):
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO quarantine (id, owner, blob, reason, at) "
+                    "SELECT id, owner, blob, ?, ? FROM sessions WHERE id = ?", (reason, time.time(), session_id)
+                )
+                self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def quarantined(self):
+        with self._lock:
+            return [(r[0], r[1]) for r in self._db.execute("SELECT id, reason FROM quarantine ORDER BY at")]
+
+    def close(self):
+        with self._lock:
+            if self._db is None:
+                return
+            # fold the log into the main file, so the store is one self-contained file at rest
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.close()
+            self._db = None
