@@ -90,7 +90,7 @@ class CompletionRequest(Sampling):
     model_config = ConfigDict(extra="allow")  # the openai client may send fields we do not use
     model: str
     prompt: str | list[str]
-    n: StrictInt = Field(1, ge=1, le=1)
+    n: StrictInt = 1
     echo: bool = False
 
 
@@ -103,7 +103,7 @@ class ChatRequest(Sampling):
     model_config = ConfigDict(extra="allow")
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    n: StrictInt = Field(1, ge=1, le=1)
+    n: StrictInt = 1
     session: str | None = Field(None, description="leanseq: continue this session's conversation; send only the "
                                 "new messages")
     max_completion_tokens: StrictInt | None = Field(None, ge=0)
@@ -372,6 +372,9 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             value = extra.get(name)
             if value not in (None, False, 1, [], {}) and not (name == "response_format" and value == {"type": "text"}):
                 raise ServeError(400, "unsupported_parameter", f"{name} is not supported by leanseq serve")
+        if body.n != 1:
+            raise ServeError(400, "unsupported_parameter", f"n={body.n}: leanseq serve returns one choice per "
+                             "request; send n requests")
         if getattr(body, "echo", False):
             raise ServeError(400, "unsupported_parameter", "echo is not supported by leanseq serve")
 
@@ -583,7 +586,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                 except json.JSONDecodeError as exc:
                     raise ServeError(400, "invalid_json", f"the message is not valid JSON: {exc}") from exc
                 if isinstance(data, dict) and "token" in data and "tokens" not in data:
-                    data = {**data, "tokens": [data.pop("token")]}
+                    data["tokens"] = [data.pop("token")]
                 try:
                     body = Push.model_validate(data)
                 except ValueError as exc:
