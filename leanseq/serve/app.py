@@ -660,17 +660,24 @@ class AccessMiddleware:
                                       f"{self.max_body} bytes")
                 status["code"] = 413
                 return await response(scope, receive, send)
-            seen = {"bytes": 0}
+            seen = {"bytes": 0, "over": False}
 
             async def limited_receive():
                 message = await receive()
                 if message["type"] == "http.request":
                     seen["bytes"] += len(message.get("body", b""))
                     if seen["bytes"] > self.max_body:
+                        seen["over"] = True
                         raise BodyTooLarge
                 return message
 
             async def tracking_send(message):
+                if seen["over"]:  # whatever the app answers to the cut body, the answer is 413
+                    if message["type"] == "http.response.start":
+                        status["code"] = 413
+                        await error_body(413, "body_too_large", f"the request body is over the limit of "
+                                         f"{self.max_body} bytes")(scope, receive, send)
+                    return
                 if message["type"] == "http.response.start":
                     status["code"] = message["status"]
                 await send(message)
@@ -678,10 +685,10 @@ class AccessMiddleware:
             try:
                 await self.app(scope, limited_receive, tracking_send)
             except BodyTooLarge:
-                status["code"] = 413
-                response = error_body(413, "body_too_large", f"the request body is over the limit of "
-                                      f"{self.max_body} bytes")
-                await response(scope, receive, send)
+                if status["code"] != 413:
+                    status["code"] = 413
+                    await error_body(413, "body_too_large", f"the request body is over the limit of "
+                                     f"{self.max_body} bytes")(scope, receive, send)
         finally:
             elapsed = time.perf_counter() - t0
             self.requests_total.labels(scope["method"], route, str(status["code"])).inc()
