@@ -159,6 +159,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         yield
         # graceful shutdown: finish what is queued, write every live session, close the store
         await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+        logging.getLogger("leanseq.serve").info("stopped; %d sessions in the store", len(engine.owners))
 
     app = FastAPI(title="leanseq serve", version="1", lifespan=lifespan,
                   description="OpenAI-compatible text endpoints and exact, durable per-stream sessions.")

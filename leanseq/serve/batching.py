@@ -133,7 +133,8 @@ class Job:
 class Engine:
     def __init__(self, model, store: Store, *, tokenizer=None, max_sessions_per_key: int = 1000,
                  idle_seconds: float = 300.0, max_live: int = 4096, max_batch: int = 1024,
-                 prefill_chunk_size: int = 256, meter=None):
+                 prefill_chunk_size: int = 256, meter=None, start: bool = True):
+        """start=False: queue jobs first, then start(); the first round then takes them all at once."""
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -160,6 +161,10 @@ class Engine:
         self._stopping = threading.Event()
         self._ephemeral_ids = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="leanseq-serve-engine", daemon=True)
+        if start:
+            self.start()
+
+    def start(self) -> None:
         self._thread.start()
 
     # ---- the request side (any thread) -------------------------------------------------------------------
@@ -180,7 +185,8 @@ class Engine:
         """Finish the queued work, write every live session and close the store."""
         self._stopping.set()
         self._queue.put(None)
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
         self.store.close()
 
     # ---- the engine thread ---------------------------------------------------------------------------------

@@ -73,3 +73,15 @@ def make_server(tmp_path):
     yield make
     for s in servers:
         s.stop()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Servers run with one torch thread (the default of `leanseq serve --threads`); in-process references must
+    too, since the thread count changes how sums are split and so the last bits. Restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
