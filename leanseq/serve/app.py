@@ -631,6 +631,9 @@ class EngineCollector:
         yield CounterMetricFamily("leanseq_sessions_evicted", "sessions moved out of memory", value=s["evicted"])
         yield CounterMetricFamily("leanseq_sessions_loaded", "sessions loaded from the store", value=s["loaded"])
         yield CounterMetricFamily("leanseq_sessions_quarantined", "stored states refused", value=s["quarantined"])
+        yield CounterMetricFamily("leanseq_checkpoints", "state blobs written", value=s["checkpoints"])
+        yield CounterMetricFamily("leanseq_log_entries", "pushes logged after a checkpoint", value=s["log_entries"])
+        yield CounterMetricFamily("leanseq_log_replayed", "logged pushes replayed on load", value=s["replayed"])
         method = self.engine.energy_method
         joules = CounterMetricFamily("leanseq_energy_joules", "energy of the engine's rounds", labels=["method"])
         joules.add_metric([method], s["joules"])

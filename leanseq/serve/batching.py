@@ -3,15 +3,18 @@
 Each round the engine takes, in arrival order, at most one queued job per session (so one session's requests
 are applied in the order they came, never interleaved), runs every single-token step of the round as one
 batched SessionPool.step, runs prompts (several tokens) one by one through chunked prefill, writes the state
-blob of every session the round changed to the store in one transaction, and only then answers the jobs.
+record of every session the round changed to the store in one transaction, and only then answers the jobs.
 A push that was answered is therefore on disk; a server killed at any moment restarts where the last answered
-push left each session.
+push left each session. The record is a log entry (the tokens fed, a few bytes) and, every `checkpoint_every`
+entries of a session (and when it is opened, forked, imported, its chat changes, it leaves memory or the server
+stops), a checkpoint: its whole state blob. Loading a session restores its checkpoint and replays its log.
 
 Exactness. On CPU a Mamba step of one row takes a matrix-vector path whose sums round differently from the
 batched path (rows of batches of 2 and more are identical to each other, whatever the batch). So a stream's
 logits would depend on whether it happened to be alone in its round. When a probe at start-up sees that the
 model has this property, a lone step is run beside a scratch row, and every stream gets the same bits whatever
-the traffic: a restarted server continues bit for bit.
+the traffic: a replayed log gives the very state that was acknowledged, and a restarted server continues bit for
+bit (on the same machine, with the same number of torch threads, which decides how sums are split).
 
 Sessions not touched for `idle_seconds` (or beyond `max_live` in memory) leave the pool; their state is already
 in the store, and the next request loads it back. A stored blob that fails its checks (checksum, model
@@ -33,9 +36,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from leanseq.serve.store import Store
+from leanseq.serve.store import LogEntry, Store
 from leanseq.stream import Session, SessionPool, StateBlobError
-from leanseq.stream.blob import weights_hash
+from leanseq.stream.blob import fingerprint
 
 log = logging.getLogger("leanseq.serve")
 
@@ -133,7 +136,7 @@ class Job:
 class Engine:
     def __init__(self, model, store: Store, *, tokenizer=None, max_sessions_per_key: int = 1000,
                  idle_seconds: float = 300.0, max_live: int = 4096, max_batch: int = 1024,
-                 prefill_chunk_size: int = 256, meter=None, start: bool = True):
+                 prefill_chunk_size: int = 256, meter=None, start: bool = True, checkpoint_every: int = 64):
         """start=False: queue jobs first, then start(); the first round then takes them all at once."""
         self.model = model.eval()
         for p in self.model.parameters():
@@ -141,11 +144,18 @@ class Engine:
         self.tokenizer = tokenizer
         self.store = store
         self.pool = SessionPool(self.model, prefill_chunk_size)
-        # the weights never change while serving: hash them once for every blob written and read
-        self.weights_sha256 = weights_hash(self.model)
+        # the model never changes while serving: fingerprint it once for every blob written and read
+        self.frozen = fingerprint(self.model)
         self.pad = needs_batch_partner(self.model)
         self._pad_steps = 0
         self.max_sessions_per_key = max_sessions_per_key
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        self.checkpoint_every = checkpoint_every
+        self.unsaved: dict[str, int] = {}  # live session -> log entries written since its checkpoint
+        self._fed: dict[str, list[LogEntry]] = {}  # this round's pushes, per session, to log
+        self._checkpoint_due: set[str] = set()
+        self._replaying = False
         self.idle_seconds, self.max_live, self.max_batch = idle_seconds, max_live, max_batch
         self.meta: dict[str, dict] = {}  # live session -> {"owner", "serve": metadata kept in its blob}
         self.last_used: dict[str, float] = {}
@@ -154,7 +164,7 @@ class Engine:
         self.meter = meter
         self.stats = {"rounds": 0, "steps": 0, "tokens_pushed": 0, "tokens_generated": 0, "predictions": 0,
                       "joules": 0.0, "evicted": 0, "loaded": 0, "quarantined": len(self.quarantined),
-                      "batch_rows": 0}
+                      "batch_rows": 0, "checkpoints": 0, "log_entries": 0, "replayed": 0}
         self.energy_method = meter.method if meter is not None else "not metered"
         self._queue: queue.Queue = queue.Queue()
         self._pending: list[Job] = []
@@ -220,6 +230,7 @@ class Engine:
             job.cancelled = True
         while self._pending:
             self._round()
+        self._checkpoint(list(self.unsaved))  # graceful: every live session leaves a checkpoint, no log to replay
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -239,7 +250,12 @@ class Engine:
                 job.fail(error)
                 # the state in memory may be ahead of the store: drop it, the next request reloads the stored one
                 if job.session_id in self.pool:
-                    self._evict_one(job.session_id)
+                    self._evict_one(job.session_id, save=False)
+            for sid in list(self._fed) + list(self._checkpoint_due):
+                if sid in self.pool:
+                    self._evict_one(sid, save=False)
+            self._fed.clear()
+            self._checkpoint_due.clear()
             self._pending = []
 
     def _round_of(self, jobs: list[Job]) -> None:
@@ -252,7 +268,6 @@ class Engine:
                 seen.add(job.session_id)
             taken.append(job)
         self._pending = rest
-        touched: set[str] = set()
         steps: dict[str, int] = {}
         step_jobs: list[Job] = []
         done: list[Job] = []
@@ -261,11 +276,11 @@ class Engine:
         try:
             for job in taken:
                 try:
-                    token = self._start(job, touched, done)
+                    token = self._start(job, done)
                 except ServeError as exc:
                     job.fail(exc)
                     if job.ephemeral and job.session_id in self.pool:
-                        self._evict_one(job.session_id)
+                        self._evict_one(job.session_id, save=False)
                     continue
                 if token is not None:
                     steps[job.session_id] = token
@@ -277,10 +292,9 @@ class Engine:
         if window is not None and window.result is not None:
             self.stats["joules"] += window.result.energy_j
             self.meter.measurements.clear()  # the meter keeps every window; a server runs for ever
-        touched.update(steps)
         self.stats["rounds"] += 1
         self.stats["predictions"] += len(steps)
-        self._persist(touched, taken)
+        self._persist()
         for job in step_jobs:
             self._after_step(job, step_logits[job.session_id], done)
         for job in done:
@@ -290,18 +304,17 @@ class Engine:
         self._pending = going + self._pending
 
     # one job's part of a round: returns a token to step in the batch, or None when the job ran alone
-    def _start(self, job: Job, touched: set, done: list) -> int | None:
+    def _start(self, job: Job, done: list) -> int | None:
         kind = job.kind
         if kind == "import":
             self._check_quota(job.owner)
             try:
-                session = Session.restore(self.model, job.blob, weights_sha256=self.weights_sha256)
+                session = Session.restore(self.model, job.blob, frozen=self.frozen)
             except (StateBlobError, TypeError, ValueError) as exc:
                 raise ServeError(400, "invalid_state_blob", f"the state blob was refused: {exc}") from exc
             if session.batch_size != 1:
                 raise ServeError(400, "invalid_state_blob", f"a session is one stream; the blob has {session.batch_size}")
             sid = self._add(job.owner, session, {})
-            touched.add(sid)
             job.result = self._describe(sid)
             done.append(job)
             return None
@@ -312,7 +325,6 @@ class Engine:
             job.result = self._describe(sid)
             if job.tokens:
                 job.result = self._push_alone(job, sid, job.tokens)
-            touched.add(sid)
             done.append(job)
             return None
         if kind == "generate" and job.ephemeral and not job.started:
@@ -331,16 +343,15 @@ class Engine:
         elif kind == "delete":
             self.pool.close(sid)
             self.store.delete(sid)
-            self.meta.pop(sid, None)
-            self.last_used.pop(sid, None)
-            self.owners.pop(sid, None)
+            for table in (self.meta, self.last_used, self.owners, self.unsaved, self._fed):
+                table.pop(sid, None)
+            self._checkpoint_due.discard(sid)
             job.result = {"id": sid, "object": "session.deleted", "deleted": True}
             done.append(job)
         elif kind == "fork":
             self._check_quota(job.owner)
             twin = self.pool.session(sid)
             new = self._add(job.owner, twin, copy.deepcopy(self.meta[sid]["serve"]))
-            touched.add(new)
             job.result = self._describe(new)
             done.append(job)
         elif kind == "push":
@@ -352,15 +363,14 @@ class Engine:
             if len(job.tokens) == 1:
                 return job.tokens[0]
             job.result = self._push_alone(job, sid, job.tokens)
-            touched.add(sid)
             done.append(job)
         elif kind == "generate":
-            return self._generate_round(job, touched, done)
+            return self._generate_round(job, done)
         else:  # pragma: no cover (the app builds only the kinds above)
             raise ServeError(400, "bad_job", f"unknown job kind {kind!r}")
         return None
 
-    def _generate_round(self, job: Job, touched: set, done: list) -> int | None:
+    def _generate_round(self, job: Job, done: list) -> int | None:
         sid = job.session_id
         if job.cancelled:
             done.append(job)
@@ -371,9 +381,8 @@ class Engine:
                 self._chat_begin(job)
             job.sampler = job.make_sampler(list(job.tokens or []))
             if job.tokens:
-                logits = self.pool.push(sid, job.tokens, keep_logits=False)
+                logits = self._feed(sid, job.tokens, keep_logits=False)[-1]
                 self.stats["tokens_pushed"] += len(job.tokens)
-                touched.add(sid)
             else:
                 logits = self.pool.last_logits(sid)
                 if logits is None:
@@ -445,6 +454,7 @@ class Engine:
         job.tokens = tokens
         chat["messages"].extend(job.chat_user)
         chat["fed"] += delta
+        self._checkpoint_due.add(job.session_id)
 
     def _chat_end(self, job: Job) -> None:
         chat = self.meta[job.session_id]["serve"]["chat"]
@@ -452,7 +462,8 @@ class Engine:
         if self.tokenizer is not None and job.stepped:
             chat["fed"] += self.tokenizer.decode(job.stepped, skip_special_tokens=False)
         if not self.meta[job.session_id].get("ephemeral"):
-            self._persist({job.session_id}, [])
+            self._checkpoint_due.add(job.session_id)
+            self._persist()
 
     # ---- helpers ----------------------------------------------------------------------------------------------
     def _check_quota(self, owner: str) -> None:
@@ -467,6 +478,8 @@ class Engine:
         self.meta[sid] = {"owner": owner, "serve": serve_meta}
         self.last_used[sid] = time.monotonic()
         self.owners[sid] = owner
+        self.unsaved[sid] = 0
+        self._checkpoint_due.add(sid)
         return sid
 
     def _load(self, sid: str, owner: str) -> None:
@@ -481,12 +494,22 @@ class Engine:
         stored = self.store.get(sid)
         if stored is None or stored.owner != owner:
             raise ServeError(404, "session_not_found", f"no session {sid}")
+        self._make_room()
         try:
-            session = Session.restore(self.model, stored.blob, weights_sha256=self.weights_sha256)
+            session = Session.restore(self.model, stored.blob, frozen=self.frozen)
             serve_meta = (session.metadata or {}).get("serve", {})
             if not isinstance(serve_meta, dict) or session.batch_size != 1:
                 raise StateBlobError("the blob is not a served session's (no serve metadata, or several rows)")
+            if session.position != stored.position:
+                raise StateBlobError(f"the row says position {stored.position}, its blob {session.position}")
+            self.pool.open(sid, session)
+            self.meta[sid] = {"owner": owner, "serve": serve_meta}
+            self._replay(sid, stored.log)
         except (StateBlobError, TypeError, ValueError) as exc:
+            for table in (self.meta, self._fed):
+                table.pop(sid, None)
+            if sid in self.pool:
+                self.pool.close(sid)
             reason = str(exc)
             log.error("session %s: stored state refused and quarantined: %s", sid, reason)
             self.store.quarantine(sid, reason)
@@ -495,11 +518,26 @@ class Engine:
             raise ServeError(410, "session_quarantined",
                              f"session {sid}: its stored state failed its checks ({reason}); it was quarantined, "
                              "not loaded") from exc
-        self._make_room()
-        self.pool.open(sid, session)
-        self.meta[sid] = {"owner": owner, "serve": serve_meta}
         self.last_used[sid] = time.monotonic()
+        self.unsaved[sid] = len(stored.log)
         self.stats["loaded"] += 1
+
+    def _replay(self, sid: str, entries: list[LogEntry]) -> None:
+        """Feed a restored checkpoint the pushes logged after it, exactly as they were first fed."""
+        self._replaying = True
+        try:
+            for entry in entries:
+                tokens = entry.tokens
+                if not isinstance(tokens, list) or not tokens or \
+                        not all(type(t) is int and 0 <= t < self.model.vocab_size for t in tokens):
+                    raise StateBlobError(f"log entry at position {entry.position} holds no valid token ids")
+                if entry.position != self.pool.position(sid) + len(tokens):
+                    raise StateBlobError(f"log entry ends at position {entry.position} but follows position "
+                                         f"{self.pool.position(sid)} with {len(tokens)} tokens: the log has a gap")
+                self._feed(sid, tokens, entry.keep_logits)
+                self.stats["replayed"] += 1
+        finally:
+            self._replaying = False
 
     def _make_room(self) -> None:
         if self.live_sessions < self.max_live:
@@ -517,11 +555,15 @@ class Engine:
             if now - used > self.idle_seconds and sid not in busy and not self.meta.get(sid, {}).get("ephemeral"):
                 self._evict_one(sid)
 
-    def _evict_one(self, sid: str) -> None:
-        # every change was written before it was answered: leaving memory loses nothing
+    def _evict_one(self, sid: str, save: bool = True) -> None:
+        # every change was written before it was answered: leaving memory loses nothing; a checkpoint first
+        # spares the next load a replay (save=False: the memory state is not trusted, the store's is)
+        if save and self.unsaved.get(sid):
+            self._checkpoint([sid])
         self.pool.close(sid)
-        self.meta.pop(sid, None)
-        self.last_used.pop(sid, None)
+        for table in (self.meta, self.last_used, self.unsaved, self._fed):
+            table.pop(sid, None)
+        self._checkpoint_due.discard(sid)
         self.stats["evicted"] += 1
 
     def _step(self, steps: dict[str, int]) -> dict:
@@ -538,13 +580,23 @@ class Engine:
             out = self.pool.step(steps)
         self.stats["steps"] += 1
         self.stats["batch_rows"] += len(steps)
+        if not self._replaying:
+            for sid, token in steps.items():
+                self._fed.setdefault(sid, []).append(LogEntry(self.pool.position(sid), [token], True))
         return out
 
+    def _feed(self, sid: str, tokens: list[int], keep_logits: bool):
+        """Feed one session alone: (n, V) logits, or (1, V) for the last token when keep_logits is False. A single
+        token takes the batched path's arithmetic (see _step); several take the chunked prefill."""
+        if len(tokens) == 1:
+            return self._step({sid: tokens[0]})[sid][None]
+        logits = self.pool.push(sid, tokens, keep_logits=keep_logits)
+        if not self._replaying:
+            self._fed.setdefault(sid, []).append(LogEntry(self.pool.position(sid), list(tokens), keep_logits))
+        return logits if keep_logits else logits[None]
+
     def _push_alone(self, job: Job, sid: str, tokens: list[int]) -> dict:
-        if len(tokens) == 1:  # a lone single token still takes the batched path's arithmetic
-            logits = self._step({sid: tokens[0]})[sid][None]
-        else:
-            logits = self.pool.push(sid, tokens, keep_logits=True)  # (n, V)
+        logits = self._feed(sid, tokens, keep_logits=True)  # (n, V)
         self.stats["tokens_pushed"] += len(tokens)
         self.stats["predictions"] += len(tokens)
         return self._push_result(sid, self.pool.position(sid), logits, job.return_logits)
@@ -567,16 +619,36 @@ class Engine:
         return out
 
     def _blob(self, sid: str) -> bytes:
-        session = self.pool.session(sid)
-        session.metadata = {"serve": self.meta[sid]["serve"]}
-        return session.state_bytes(weights_sha256=self.weights_sha256)
+        return self.pool.state_bytes(sid, metadata={"serve": self.meta[sid]["serve"]}, frozen=self.frozen)
 
-    def _persist(self, sids, jobs) -> None:
-        rows = []
-        for sid in sids:
-            info = self.meta.get(sid)
-            if info is None or info.get("ephemeral") or sid not in self.pool:
+    def _persist(self) -> None:
+        """Write this round's changes in one transaction: log entries, and checkpoints where due."""
+        due = set(self._checkpoint_due)
+        entries = []
+        for sid, fed in self._fed.items():
+            if self.meta.get(sid, {}).get("ephemeral") or sid not in self.pool:
                 continue
-            rows.append((sid, info["owner"], self._blob(sid), self.pool.position(sid)))
-        if rows:
-            self.store.put_many(rows)
+            if self.unsaved.get(sid, 0) + len(fed) >= self.checkpoint_every:
+                due.add(sid)
+            elif sid not in due:
+                entries.extend((sid, entry) for entry in fed)
+        checkpoints = [(sid, self.meta[sid]["owner"], self._blob(sid), self.pool.position(sid))
+                       for sid in due if sid in self.pool and not self.meta[sid].get("ephemeral")]
+        self.store.commit(checkpoints, entries)
+        for sid, _ in entries:
+            self.unsaved[sid] = self.unsaved.get(sid, 0) + 1
+        for sid, *_ in checkpoints:
+            self.unsaved[sid] = 0
+        self.stats["checkpoints"] += len(checkpoints)
+        self.stats["log_entries"] += len(entries)
+        self._fed.clear()
+        self._checkpoint_due.clear()
+
+    def _checkpoint(self, sids) -> None:
+        """Checkpoint these live sessions now (before they leave memory, and at shutdown)."""
+        rows = [(sid, self.meta[sid]["owner"], self._blob(sid), self.pool.position(sid))
+                for sid in sids if sid in self.pool and sid in self.meta and not self.meta[sid].get("ephemeral")]
+        self.store.commit(rows, [])
+        for sid, *_ in rows:
+            self.unsaved[sid] = 0
+        self.stats["checkpoints"] += len(rows)

@@ -1,8 +1,11 @@
 """Where session states live between requests: a small store interface and its SQLite (WAL) implementation.
 
-The server writes a session's state blob (leanseq.stream's checksummed bytes) here before it acknowledges the
-push that produced it, and reads it back when the session is not in memory (after an idle eviction or a
-restart). Everything a store needs is in `Store`; a networked store (Postgres, Redis, FoundationDB) shared by
+Before the server acknowledges a push, the push is durable here in one of two forms: a checkpoint (the
+session's state blob, leanseq.stream's checksummed bytes) or a log entry (the tokens the push fed, a few bytes,
+appended after the session's last checkpoint). Reading a session back (after an idle eviction or a restart)
+restores its checkpoint and replays its log through the model, which gives the same state bit for bit: the
+server's steps do not depend on what else was in the batch (see leanseq.serve.batching). A checkpoint replaces
+the log before it in the same transaction, so a log stays short. Everything a store needs is in `Store`; a networked store (Postgres, Redis, FoundationDB) shared by
 several replicas that route sessions by id implements the same few methods.
 
 SQLite settings: WAL journal, so readers never block the writer and a commit is one append to the log; and
@@ -14,6 +17,7 @@ log on every commit and survives power loss too, at a few milliseconds per commi
 from __future__ import annotations
 
 import abc
+import json
 import sqlite3
 import threading
 import time
@@ -24,20 +28,29 @@ SYNC_MODES = ("normal", "full")
 
 
 @dataclass
+class LogEntry:
+    position: int  # the session's position after this push
+    tokens: list[int]
+    keep_logits: bool  # whether the push computed logits for every token (it changes the last one's bits)
+
+
+@dataclass
 class StoredSession:
     session_id: str
     owner: str
     blob: bytes
-    position: int
+    position: int  # the checkpoint's position
     updated: float
+    log: list[LogEntry]
 
 
 class Store(abc.ABC):
     """The few operations the server needs; a write returns only once the data is durable."""
 
     @abc.abstractmethod
-    def put_many(self, rows: list[tuple[str, str, bytes, int]]) -> None:
-        """Insert or replace (session_id, owner, blob, position) rows, all in one durable transaction."""
+    def commit(self, checkpoints: list[tuple[str, str, bytes, int]], log: list[tuple[str, LogEntry]]) -> None:
+        """In one durable transaction: insert or replace (session_id, owner, blob, position) checkpoints (dropping
+        each one's older log entries) and append (session_id, LogEntry) log entries."""
 
     @abc.abstractmethod
     def get(self, session_id: str) -> StoredSession | None: ...
@@ -85,13 +98,16 @@ class SQLiteStore(Store):
             CREATE TABLE IF NOT EXISTS sessions (
                 id TEXT PRIMARY KEY, owner TEXT NOT NULL, blob BLOB NOT NULL,
                 position INTEGER NOT NULL, updated REAL NOT NULL);
+            CREATE TABLE IF NOT EXISTS log (
+                id TEXT NOT NULL, position INTEGER NOT NULL, tokens TEXT NOT NULL, keep INTEGER NOT NULL,
+                PRIMARY KEY (id, position));
             CREATE TABLE IF NOT EXISTS quarantine (
                 id TEXT NOT NULL, owner TEXT, blob BLOB, reason TEXT NOT NULL, at REAL NOT NULL);
             """
         )
 
-    def put_many(self, rows):
-        if not rows:
+    def commit(self, checkpoints, log):
+        if not checkpoints and not log:
             return
         now = time.time()
         with self._lock:
@@ -99,7 +115,13 @@ class SQLiteStore(Store):
             try:
                 self._db.executemany(
                     "INSERT OR REPLACE INTO sessions (id, owner, blob, position, updated) VALUES (?, ?, ?, ?, ?)",
-                    [(sid, owner, sqlite3.Binary(blob), position, now) for sid, owner, blob, position in rows],
+                    [(sid, owner, sqlite3.Binary(blob), position, now) for sid, owner, blob, position in checkpoints],
+                )
+                self._db.executemany("DELETE FROM log WHERE id = ? AND position <= ?",
+                                     [(sid, position) for sid, _, _, position in checkpoints])
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO log (id, position, tokens, keep) VALUES (?, ?, ?, ?)",
+                    [(sid, e.position, json.dumps(e.tokens), int(e.keep_logits)) for sid, e in log],
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -111,13 +133,27 @@ class SQLiteStore(Store):
             row = self._db.execute(
                 "SELECT id, owner, blob, position, updated FROM sessions WHERE id = ?", (session_id,)
             ).fetchone()
+            entries = self._db.execute(
+                "SELECT position, tokens, keep FROM log WHERE id = ? AND position > ? ORDER BY position",
+                (session_id, row[3] if row else 0),
+            ).fetchall()
         if row is None:
             return None
-        return StoredSession(row[0], row[1], bytes(row[2]), int(row[3]), float(row[4]))
+        log = []
+        for position, tokens, keep in entries:
+            try:
+                ids = json.loads(tokens)
+            except (TypeError, ValueError):
+                ids = None  # reported by the reader, which checks every entry
+            log.append(LogEntry(int(position), ids, bool(keep)))
+        return StoredSession(row[0], row[1], bytes(row[2]), int(row[3]), float(row[4]), log)
 
     def delete(self, session_id):
         with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
             cur = self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+            self._db.execute("DELETE FROM log WHERE id = ?", (session_id,))
+            self._db.execute("COMMIT")
         return cur.rowcount > 0
 
     def owners(self):
@@ -133,6 +169,7 @@ class SQLiteStore(Store):
                     "SELECT id, owner, blob, ?, ? FROM sessions WHERE id = ?", (reason, time.time(), session_id)
                 )
                 self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+                self._db.execute("DELETE FROM log WHERE id = ?", (session_id,))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

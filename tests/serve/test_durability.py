@@ -70,24 +70,30 @@ def test_a_corrupt_row_is_quarantined_never_loaded(model, tmp_path):
     foreign.stop()
     alien = open_with(engine, [5])
     engine.stop()
+    crashed = Engine(model, SQLiteStore(db))  # never stopped, as if killed: its last pushes are only in the log
+    gap = open_with(crashed, [5, 6])
+    push(crashed, gap, 7)
+    push(crashed, gap, 8)
     with sqlite3.connect(db) as con:
         blob = bytearray(con.execute("SELECT blob FROM sessions WHERE id = ?", (bad,)).fetchone()[0])
         blob[len(blob) // 2] ^= 0x10  # one flipped bit on disk
         con.execute("UPDATE sessions SET blob = ? WHERE id = ?", (bytes(blob), bad))
         con.execute("UPDATE sessions SET blob = ? WHERE id = ?", (alien_blob, alien))  # whole, but another model's
+        con.execute("DELETE FROM log WHERE id = ? AND position = 3", (gap,))  # a logged push lost: a gap
     restarted = Engine(model, SQLiteStore(db))
     try:
-        for sid, why in [(bad, "checksum"), (alien, "another model")]:
+        for sid, why in [(bad, "checksum"), (alien, "another model"), (gap, "gap")]:
             with pytest.raises(ServeError, match=why) as info:
                 call(restarted, Job("push", OWNER, session_id=sid, tokens=[1]))
             assert info.value.status == 410
             with pytest.raises(ServeError, match="quarantined"):  # and stays refused
                 call(restarted, Job("info", OWNER, session_id=sid))
         reasons = dict(restarted.store.quarantined())
-        assert set(reasons) == {bad, alien} and "checksum" in reasons[bad]
+        assert set(reasons) == {bad, alien, gap} and "checksum" in reasons[bad]
         assert call(restarted, Job("info", OWNER, session_id=good))["position"] == 2  # the others are fine
     finally:
         restarted.stop()
+        crashed.stop()
 
 
 def test_concurrent_sessions_step_as_one_batch_with_the_same_bits(model, tmp_path):
@@ -193,6 +199,8 @@ def test_sigkill_mid_load_loses_no_acknowledged_push_and_restarts_bit_for_bit(tm
                                   json={"tokens": [stream_tokens(i)[pushed]], "return_logits": True}).json()
                 assert after["position"] == position + 1
                 assert after["logits"][0] == ref_logits[pushed]
+            metrics = http.get("/metrics").text
+            assert float(re.search(r"^leanseq_log_replayed_total (\S+)", metrics, re.M).group(1)) > 0  # logs replayed
         # `leanseq serve` on the bundled text model answers a chat completion through the openai client
         chat = openai.OpenAI(base_url=f"{restarted.url}/v1", api_key=KEY_A, max_retries=0, timeout=60)
         reply = chat.chat.completions.create(model="shakespeare-mamba", max_tokens=8,

@@ -131,18 +131,31 @@ def test_weights_on_the_meta_device_are_named(make_model):
         weights_hash(model)
 
 
-def test_frozen_weights_hash_given_once_matches_hashing_each_time(mamba):
-    """A server hashes its frozen weights once and passes the hash: the blob is the same bytes, restores the same,
+
+def test_a_fingerprint_computed_once_gives_the_same_blobs_and_checks(mamba, make_model):
+    """A server fingerprints its frozen model once and passes it: the blobs are the same bytes, restore the same,
     and a blob of other weights is still refused."""
+    from leanseq.stream import SessionPool, fingerprint
+
     session = Session(mamba)
     session.push([1, 2, 3])
-    frozen = weights_hash(mamba)
-    blob = session.state_bytes(weights_sha256=frozen)
+    frozen = fingerprint(mamba)
+    blob = session.state_bytes(frozen=frozen)
     assert blob == session.state_bytes()
-    restored = Session.restore(mamba, blob, weights_sha256=frozen)
+    assert session.state_bytes(include_weights_hash=False, frozen=frozen) == session.state_bytes(False)
+    restored = Session.restore(mamba, blob, frozen=frozen)
     assert torch.equal(restored.push(4), session.push(4))
-    other = "0" * 64  # what the weights hash of a changed model would be: not this model's
+    other = make_model("mamba", seed=1)  # same config, other weights
     with pytest.raises(StateMismatchError, match="different weights"):
-        Session.restore(mamba, blob, weights_sha256=other)
-    with pytest.raises(ValueError, match="64 lowercase hex"):
-        session.state_bytes(weights_sha256="abc")
+        Session.restore(mamba, Session(other).state_bytes(), frozen=frozen)
+    with pytest.raises(ValueError, match="weights hash"):
+        session.state_bytes(frozen=fingerprint(mamba, include_weights=False))
+    with pytest.raises(ValueError, match="another model"):
+        session.state_bytes(frozen=fingerprint(make_model("transformer")))
+    # a pool row's bytes without building a Session: identical to the Session's, metadata included
+    pool = SessionPool(mamba)
+    a = pool.open()
+    pool.push(a, [5, 6])
+    twin = pool.session(a)
+    twin.metadata = {"note": "x"}
+    assert pool.state_bytes(a, metadata={"note": "x"}, frozen=frozen) == twin.state_bytes()
