@@ -103,7 +103,7 @@ async def load(url: str, streams: int, pushes: int, warmup: int, context: int, v
     deadline = {"t": float("inf")}
 
     async def stream(sid: str, i: int):
-        async with websockets.connect(f"{ws_url}/v1/sessions/{sid}/ws", max_size=None) as ws:
+        async with websockets.connect(f"{ws_url}/v1/sessions/{sid}/ws", max_size=None, compression=None) as ws:
             ready.append(sid)
             await start.wait()
             for k in range(warmup + pushes):

@@ -204,7 +204,10 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     app.state.key_owner = key_owner
 
     async def run(job: Job):
-        return await asyncio.wrap_future(engine.submit(job))
+        loop = asyncio.get_running_loop()
+        job.waiter = (loop, loop.create_future())
+        engine.submit(job)
+        return await job.waiter[1]
 
     def check_session_id(session_id: str) -> str:
         if not SESSION_ID.match(session_id):

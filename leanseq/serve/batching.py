@@ -70,6 +70,19 @@ def needs_batch_partner(model) -> bool:
     return False
 
 
+def _resolve(jobs: list[Job]) -> None:
+    """On the event loop: copy each job's outcome to its asyncio future."""
+    for job in jobs:
+        waiter = job.waiter[1]
+        if waiter.done():  # the request was cancelled (client gone)
+            continue
+        error = job.future.exception()
+        if error is not None:
+            waiter.set_exception(error)
+        else:
+            waiter.set_result(job.future.result())
+
+
 class TokenSampler:
     """Generation for a model without a tokenizer: RowSampler's choose/accept on token ids, no text."""
 
@@ -120,6 +133,9 @@ class Job:
     cancelled: bool = False
     # engine-side progress
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    # (event loop, asyncio future): answered with the round's other answers in one wake-up of that loop
+    waiter: tuple | None = None
+    delivered: bool = False
     started: bool = False
     pending: tuple | None = None  # (token, text piece) chosen, to be stepped this round
     stepped: list[int] = field(default_factory=list)
@@ -238,11 +254,13 @@ class Engine:
                 break
             if job is not None:
                 job.fail(ServeError(503, "shutting_down", "the server is shutting down"))
+                self._deliver([job])
 
     def _round(self) -> None:
         jobs = list(self._pending)
         try:
             self._round_of(jobs)
+            self._deliver(jobs)
         except Exception as exc:  # a bug or a failed store write must not kill the engine or be acknowledged
             log.exception("engine round failed")
             error = ServeError(503, "engine_error", f"the engine failed on this round: {exc}")
@@ -257,6 +275,22 @@ class Engine:
             self._fed.clear()
             self._checkpoint_due.clear()
             self._pending = []
+            self._deliver(jobs)
+
+    @staticmethod
+    def _deliver(jobs: list[Job]) -> None:
+        """Answer the asyncio waiters of finished jobs: one call_soon_threadsafe per event loop per round, not one
+        per job (each is a write to the loop's wake-up pipe)."""
+        by_loop: dict = {}
+        for job in jobs:
+            if job.waiter is not None and not job.delivered and job.future.done():
+                job.delivered = True
+                by_loop.setdefault(job.waiter[0], []).append(job)
+        for loop, done in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, done)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
 
     def _round_of(self, jobs: list[Job]) -> None:
         taken, rest, seen = [], [], set()

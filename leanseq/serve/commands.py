@@ -136,6 +136,7 @@ def run_serve(args) -> int:
           f"{', no tokenizer' if engine.tokenizer is None else ''}) on http://{host}:{port} "
           f"(store {args.db}, {len(engine.owners)} stored sessions)", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                           timeout_graceful_shutdown=10))
+                                           timeout_graceful_shutdown=10,
+                                           ws_per_message_deflate=False))  # deflate costs more than it saves on small messages
     server.run(sockets=[sock])
     return 0
