@@ -15,6 +15,11 @@ Models: the bundled induction Mamba (66,496 parameters) and the bundled inductio
 architecture: the Mamba's state is a constant 20 KB per stream, the transformer's KV cache 512 bytes per token.
 `--busy-core` repeats every configuration with one extra process spinning on a core (a shared machine).
 The client runs in this process (asyncio), on the same machine as the server: both share its cores.
+
+Two modes (--modes): "ws" is the whole stack above; "engine" drives the server's engine in this process with no
+HTTP at all (the same Engine, SessionPool, SQLite store and durability per push; all N pushes of a step are
+submitted at once and each one's latency runs from its submission to its answer), which shows what the model step
+and the store cost apart from the Python WebSocket stack on both ends.
 """
 
 from __future__ import annotations
@@ -140,6 +145,51 @@ async def load(url: str, streams: int, pushes: int, warmup: int, context: int, v
             "max_ms": round(max(ms), 2), "open_s": round(open_s, 2)}
 
 
+def engine_load(model_dir: str, db: Path, streams: int, pushes: int, warmup: int, context: int, vocab: int,
+                max_seconds: float, seed: int) -> dict:
+    import torch
+
+    import leanseq
+    from leanseq.serve.batching import Engine, Job
+    from leanseq.serve.store import SQLiteStore
+
+    torch.set_num_threads(1)
+    engine = Engine(leanseq.load(model_dir), SQLiteStore(db))
+    try:
+        rng = random.Random(seed)
+        t_open = time.perf_counter()
+        opened = [engine.submit(Job("open", "bench", tokens=[rng.randrange(vocab) for _ in range(context)]))
+                  for _ in range(streams)]
+        sids = [f.result(3600)["id"] for f in opened]
+        open_s = time.perf_counter() - t_open
+        latencies, counted = [], 0
+        t0 = time.perf_counter()
+        for k in range(warmup + pushes):
+            if k == warmup:
+                t0, latencies, counted = time.perf_counter(), [], 0
+            if time.perf_counter() - t0 > max_seconds and k > warmup:
+                break
+            done_at = [0.0] * streams
+            start = time.perf_counter()
+            futures = []
+            for i, sid in enumerate(sids):
+                f = engine.submit(Job("push", "bench", session_id=sid, tokens=[(i + k) % vocab]))
+                f.add_done_callback(lambda _, i=i, done_at=done_at: done_at.__setitem__(i, time.perf_counter()))
+                futures.append(f)
+            for f in futures:
+                f.result(600)
+            latencies += [(t - start) * 1000 for t in done_at]
+            counted += streams
+        wall = time.perf_counter() - t0
+    finally:
+        engine.stop()
+    return {"streams": streams, "context": context, "pushes": counted, "planned_pushes": streams * pushes,
+            "stopped_by_time": counted < streams * pushes, "wall_s": round(wall, 3),
+            "pushes_per_s": round(counted / wall, 1), "p50_ms": round(statistics.median(latencies), 2),
+            "p99_ms": round(percentile(latencies, 99), 2), "max_ms": round(max(latencies), 2),
+            "open_s": round(open_s, 2)}
+
+
 def spin(stop):
     x = 0
     while not stop.is_set():
@@ -147,25 +197,31 @@ def spin(stop):
             x += 1
 
 
-def run_one(kind: str, context: int, args, busy: bool) -> dict:
+def run_one(kind: str, context: int, args, busy: bool, mode: str) -> dict:
     from leanseq.models.commands import bundled_checkpoint
 
     model_dir = str(bundled_checkpoint(MODELS[kind]))
     stop = multiprocessing.Event()
     spinner = multiprocessing.Process(target=spin, args=(stop,), daemon=True) if busy else None
     with tempfile.TemporaryDirectory(prefix="leanseq-serve-load-") as tmp:
-        proc, url = start_server(model_dir, Path(tmp) / "sessions.db", args.threads, max(4096, context))
+        if spinner:
+            spinner.start()
         try:
-            if spinner:
-                spinner.start()
-            result = asyncio.run(load(url, args.streams, args.pushes, args.warmup, context, 16, args.max_seconds,
-                                      args.seed))
+            if mode == "engine":
+                result = engine_load(model_dir, Path(tmp) / "sessions.db", args.streams, args.pushes, args.warmup,
+                                     context, 16, args.max_seconds, args.seed)
+            else:
+                proc, url = start_server(model_dir, Path(tmp) / "sessions.db", args.threads, max(4096, context))
+                try:
+                    result = asyncio.run(load(url, args.streams, args.pushes, args.warmup, context, 16,
+                                              args.max_seconds, args.seed))
+                finally:
+                    stop_server(proc)
         finally:
             if spinner:
                 stop.set()
                 spinner.join(10)
-            stop_server(proc)
-    result.update(model=kind, busy_core=busy, threads=args.threads)
+    result.update(model=kind, busy_core=busy, threads=args.threads if mode == "ws" else 1, mode=mode)
     return result
 
 
@@ -175,14 +231,16 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    styles = {("ws", False): "-", ("ws", True): "--", ("engine", False): ":", ("engine", True): "-."}
     for kind, color in (("mamba", "tab:green"), ("transformer", "tab:red")):
-        for busy, style in ((False, "-"), (True, "--")):
-            rows = sorted((r for r in results if r["model"] == kind and r["busy_core"] == busy),
+        for (mode, busy), style in styles.items():
+            rows = sorted((r for r in results if r["model"] == kind and r["busy_core"] == busy and r["mode"] == mode),
                           key=lambda r: r["context"])
             if rows:
+                what = "WebSocket" if mode == "ws" else "engine only"
                 ax.plot([r["context"] for r in rows], [r["p99_ms"] for r in rows], style, marker="o", color=color,
-                        label=f"{kind} p99{' (a core busy)' if busy else ''}")
+                        label=f"{kind}, {what}{', a core busy' if busy else ''}")
     ax.axhline(LIMIT_MS, color="grey", lw=0.8, ls=":")
     ax.text(ax.get_xlim()[0], LIMIT_MS * 1.05, "50 ms", color="grey", fontsize=8)
     ax.set_xscale("log", base=2)
@@ -208,6 +266,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-seconds", type=float, default=60.0, help="stop a configuration after this long")
     p.add_argument("--busy-core", action="store_true", help="also measure with one core kept busy")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modes", nargs="+", choices=("ws", "engine"), default=["ws", "engine"])
     p.add_argument("--quick", action="store_true", help="a small smoke run (16 streams, 5 pushes, context 64)")
     p.add_argument("--out", default=str(ROOT / "docs" / "serve_load"), help="writes OUT.json and OUT.png")
     args = p.parse_args(argv)
@@ -215,21 +274,22 @@ def main(argv=None) -> int:
         args.streams, args.pushes, args.contexts = 16, 5, [64]
     from tqdm import tqdm
 
-    plan = [(kind, c, busy) for busy in ([False, True] if args.busy_core else [False])
+    plan = [(kind, c, busy, mode) for mode in args.modes for busy in ([False, True] if args.busy_core else [False])
             for kind, contexts in (("mamba", args.mamba_contexts or args.contexts), ("transformer", args.contexts))
             for c in contexts]
     results = []
-    for kind, context, busy in tqdm(plan, desc="configurations"):
-        r = run_one(kind, context, args, busy)
+    for kind, context, busy, mode in tqdm(plan, desc="configurations"):
+        r = run_one(kind, context, args, busy, mode)
         results.append(r)
-        tqdm.write(f"{kind:11s} context {context:5d} {'busy core ' if busy else ''}{r['streams']} streams: "
+        tqdm.write(f"{mode:6s} {kind:11s} context {context:5d} {'busy core ' if busy else ''}{r['streams']} streams: "
                    f"{r['pushes_per_s']:8.1f} pushes/s, p50 {r['p50_ms']:7.2f} ms, p99 {r['p99_ms']:7.2f} ms"
                    f"{' (stopped by time)' if r['stopped_by_time'] else ''}")
     crossing = {}
-    for busy in sorted({r["busy_core"] for r in results}):
-        over = sorted(r["context"] for r in results
-                      if r["model"] == "transformer" and r["busy_core"] == busy and r["p99_ms"] > LIMIT_MS)
-        crossing["busy" if busy else "quiet"] = over[0] if over else None
+    for mode in args.modes:
+        for busy in sorted({r["busy_core"] for r in results}):
+            over = sorted(r["context"] for r in results if r["model"] == "transformer" and r["mode"] == mode
+                          and r["busy_core"] == busy and r["p99_ms"] > LIMIT_MS)
+            crossing[f"{mode}, {'a core busy' if busy else 'no extra load'}"] = over[0] if over else None
     out = {"command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "machine": f"{os.cpu_count()} CPUs", "results": results,
            "transformer_first_context_over_50ms_p99": crossing}

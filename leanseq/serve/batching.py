@@ -169,6 +169,9 @@ class Engine:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         self.checkpoint_every = checkpoint_every
         self.unsaved: dict[str, int] = {}  # live session -> log entries written since its checkpoint
+        # a new session's first checkpoint comes after a random share of checkpoint_every: streams that started
+        # together (a load test, a fleet of sensors) then checkpoint in different rounds, not all in one
+        self._phase: dict[str, int] = {}
         self._fed: dict[str, list[LogEntry]] = {}  # this round's pushes, per session, to log
         self._checkpoint_due: set[str] = set()
         self._replaying = False
@@ -377,7 +380,7 @@ class Engine:
         elif kind == "delete":
             self.pool.close(sid)
             self.store.delete(sid)
-            for table in (self.meta, self.last_used, self.owners, self.unsaved, self._fed):
+            for table in (self.meta, self.last_used, self.owners, self.unsaved, self._fed, self._phase):
                 table.pop(sid, None)
             self._checkpoint_due.discard(sid)
             job.result = {"id": sid, "object": "session.deleted", "deleted": True}
@@ -513,6 +516,7 @@ class Engine:
         self.last_used[sid] = time.monotonic()
         self.owners[sid] = owner
         self.unsaved[sid] = 0
+        self._phase[sid] = secrets.randbelow(self.checkpoint_every)
         self._checkpoint_due.add(sid)
         return sid
 
@@ -595,7 +599,7 @@ class Engine:
         if save and self.unsaved.get(sid):
             self._checkpoint([sid])
         self.pool.close(sid)
-        for table in (self.meta, self.last_used, self.unsaved, self._fed):
+        for table in (self.meta, self.last_used, self.unsaved, self._fed, self._phase):
             table.pop(sid, None)
         self._checkpoint_due.discard(sid)
         self.stats["evicted"] += 1
@@ -662,8 +666,9 @@ class Engine:
         for sid, fed in self._fed.items():
             if self.meta.get(sid, {}).get("ephemeral") or sid not in self.pool:
                 continue
-            if self.unsaved.get(sid, 0) + len(fed) >= self.checkpoint_every:
+            if self.unsaved.get(sid, 0) + len(fed) + self._phase.get(sid, 0) >= self.checkpoint_every:
                 due.add(sid)
+                self._phase.pop(sid, None)  # from now on, every checkpoint_every entries
             elif sid not in due:
                 entries.extend((sid, entry) for entry in fed)
         checkpoints = [(sid, self.meta[sid]["owner"], self._blob(sid), self.pool.position(sid))
