@@ -152,8 +152,10 @@ class Job:
 class Engine:
     def __init__(self, model, store: Store, *, tokenizer=None, max_sessions_per_key: int = 1000,
                  idle_seconds: float = 300.0, max_live: int = 4096, max_batch: int = 1024,
-                 prefill_chunk_size: int = 256, meter=None, start: bool = True, checkpoint_every: int = 64):
-        """start=False: queue jobs first, then start(); the first round then takes them all at once."""
+                 prefill_chunk_size: int = 256, meter=None, start: bool = True, checkpoint_every: int = 64,
+                 stagger_checkpoints: bool = True):
+        """start=False: queue jobs first, then start(); the first round then takes them all at once.
+        stagger_checkpoints=False: every session checkpoints after exactly checkpoint_every log entries."""
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -172,6 +174,7 @@ class Engine:
         # a new session's first checkpoint comes after a random share of checkpoint_every: streams that started
         # together (a load test, a fleet of sensors) then checkpoint in different rounds, not all in one
         self._phase: dict[str, int] = {}
+        self.stagger_checkpoints = stagger_checkpoints
         self._fed: dict[str, list[LogEntry]] = {}  # this round's pushes, per session, to log
         self._checkpoint_due: set[str] = set()
         self._replaying = False
@@ -516,7 +519,8 @@ class Engine:
         self.last_used[sid] = time.monotonic()
         self.owners[sid] = owner
         self.unsaved[sid] = 0
-        self._phase[sid] = secrets.randbelow(self.checkpoint_every)
+        if self.stagger_checkpoints:
+            self._phase[sid] = secrets.randbelow(self.checkpoint_every)
         self._checkpoint_due.add(sid)
         return sid
 
