@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import multiprocessing
 import os
@@ -155,6 +156,7 @@ def engine_load(model_dir: str, db: Path, streams: int, pushes: int, warmup: int
 
     torch.set_num_threads(1)
     engine = Engine(leanseq.load(model_dir), SQLiteStore(db))
+    gc.freeze()  # as `leanseq serve` does before it serves
     try:
         rng = random.Random(seed)
         t_open = time.perf_counter()
@@ -265,6 +267,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     p.add_argument("--max-seconds", type=float, default=60.0, help="stop a configuration after this long")
     p.add_argument("--busy-core", action="store_true", help="also measure with one core kept busy")
+    p.add_argument("--busy-contexts", type=int, nargs="+", default=None,
+                   help="contexts measured with a core busy (default: all of them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--modes", nargs="+", choices=("ws", "engine"), default=["ws", "engine"])
     p.add_argument("--quick", action="store_true", help="a small smoke run (16 streams, 5 pushes, context 64)")
@@ -276,8 +280,9 @@ def main(argv=None) -> int:
 
     plan = [(kind, c, busy, mode) for mode in args.modes for busy in ([False, True] if args.busy_core else [False])
             for kind, contexts in (("mamba", args.mamba_contexts or args.contexts), ("transformer", args.contexts))
-            for c in contexts]
+            for c in contexts if not busy or args.busy_contexts is None or c in args.busy_contexts]
     results = []
+    load_before = [round(x, 2) for x in os.getloadavg()]  # other work on the machine, for the record
     for kind, context, busy, mode in tqdm(plan, desc="configurations"):
         r = run_one(kind, context, args, busy, mode)
         results.append(r)
@@ -291,7 +296,8 @@ def main(argv=None) -> int:
                           and r["busy_core"] == busy and r["p99_ms"] > LIMIT_MS)
             crossing[f"{mode}, {'a core busy' if busy else 'no extra load'}"] = over[0] if over else None
     out = {"command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "machine": f"{os.cpu_count()} CPUs", "results": results,
+           "machine": f"{os.cpu_count()} CPUs", "load_average_before": load_before,
+           "load_average_after": [round(x, 2) for x in os.getloadavg()], "results": results,
            "transformer_first_context_over_50ms_p99": crossing}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(out, indent=2) + "\n")

@@ -12,6 +12,9 @@ SQLite settings: WAL journal, so readers never block the writer and a commit is 
 synchronous=NORMAL by default, under which a committed transaction survives the process being killed (SIGKILL,
 OOM, a crash) but the last commits may be lost if the whole machine loses power. synchronous="full" fsyncs the
 log on every commit and survives power loss too, at a few milliseconds per commit on an ordinary disk.
+Copying the log back into the database file (a WAL checkpoint, with an fsync) is done by a background thread on
+its own connection once a second, in PASSIVE mode, which never blocks the writer: left to SQLite's automatic
+checkpoint, it would land inside whichever commit crossed the log's size limit and stall that round's answers.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ class SQLiteStore(Store):
     """Sessions in one SQLite file in WAL mode. One connection, used under a lock (the server's engine thread
     writes; request handlers may read)."""
 
-    def __init__(self, path: str | Path, synchronous: str = "normal"):
+    def __init__(self, path: str | Path, synchronous: str = "normal", wal_checkpoint_seconds: float = 1.0):
         if synchronous not in SYNC_MODES:
             raise ValueError(f"synchronous must be one of {SYNC_MODES}, got {synchronous!r}")
         self.path = Path(path)
@@ -93,6 +96,7 @@ class SQLiteStore(Store):
         if str(mode).lower() != "wal":
             raise ValueError(f"{self.path}: SQLite refused WAL mode (got {mode!r}); put the store on a local disk")
         self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        self._db.execute("PRAGMA wal_autocheckpoint=0")  # the background thread below does it
         self._db.executescript(
             """
             CREATE TABLE IF NOT EXISTS sessions (
@@ -105,6 +109,21 @@ class SQLiteStore(Store):
                 id TEXT NOT NULL, owner TEXT, blob BLOB, reason TEXT NOT NULL, at REAL NOT NULL);
             """
         )
+        self._closing = threading.Event()
+        self._wal_thread = threading.Thread(target=self._wal_checkpoints, args=(wal_checkpoint_seconds,),
+                                            name="leanseq-store-wal", daemon=True)
+        self._wal_thread.start()
+
+    def _wal_checkpoints(self, every: float) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        try:
+            while not self._closing.wait(every):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.OperationalError:  # busy: the next one catches up
+                    pass
+        finally:
+            db.close()
 
     def commit(self, checkpoints, log):
         if not checkpoints and not log:
@@ -180,6 +199,8 @@ class SQLiteStore(Store):
             return [(r[0], r[1]) for r in self._db.execute("SELECT id, reason FROM quarantine ORDER BY at")]
 
     def close(self):
+        self._closing.set()
+        self._wal_thread.join(30)
         with self._lock:
             if self._db is None:
                 return
