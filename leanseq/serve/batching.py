@@ -513,6 +513,7 @@ class Engine:
                              "DELETE sessions it no longer needs")
 
     def _add(self, owner: str, session: Session | None, serve_meta: dict) -> str:
+        self._make_room()
         sid = new_session_id()
         self.pool.open(sid, session)
         self.meta[sid] = {"owner": owner, "serve": serve_meta}
