@@ -147,14 +147,14 @@ async def load(url: str, streams: int, pushes: int, warmup: int, context: int, v
 
 
 def engine_load(model_dir: str, db: Path, streams: int, pushes: int, warmup: int, context: int, vocab: int,
-                max_seconds: float, seed: int) -> dict:
+                max_seconds: float, seed: int, threads: int) -> dict:
     import torch
 
     import leanseq
     from leanseq.serve.batching import Engine, Job
     from leanseq.serve.store import SQLiteStore
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     engine = Engine(leanseq.load(model_dir), SQLiteStore(db))
     gc.freeze()  # as `leanseq serve` does before it serves
     try:
@@ -211,7 +211,7 @@ def run_one(kind: str, context: int, args, busy: bool, mode: str) -> dict:
         try:
             if mode == "engine":
                 result = engine_load(model_dir, Path(tmp) / "sessions.db", args.streams, args.pushes, args.warmup,
-                                     context, 16, args.max_seconds, args.seed)
+                                     context, 16, args.max_seconds, args.seed, args.threads)
             else:
                 proc, url = start_server(model_dir, Path(tmp) / "sessions.db", args.threads, max(4096, context))
                 try:
@@ -223,7 +223,7 @@ def run_one(kind: str, context: int, args, busy: bool, mode: str) -> dict:
             if spinner:
                 stop.set()
                 spinner.join(10)
-    result.update(model=kind, busy_core=busy, threads=args.threads if mode == "ws" else 1, mode=mode)
+    result.update(model=kind, busy_core=busy, threads=args.threads, mode=mode)
     return result
 
 
