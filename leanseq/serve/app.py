@@ -300,10 +300,14 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     class StreamSlot:
         """One of max_concurrent_streams (SSE responses and WebSockets open at once)."""
 
-        def __enter__(self):
+        @staticmethod
+        def check():
             if streams["open"] >= config.max_concurrent_streams:
                 raise ServeError(429, "too_many_streams", f"{config.max_concurrent_streams} streams are open, the "
                                  "limit; retry when one ends")
+
+        def __enter__(self):
+            self.check()
             streams["open"] += 1
             return self
 
@@ -314,25 +318,46 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         """Submit a generation job whose steps arrive on an asyncio queue."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job.emit = lambda item: loop.call_soon_threadsafe(events.put_nowait, item)
+
+        def emit(item):
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, item)
+            except RuntimeError:  # the loop is closed (shutdown): nobody is listening
+                job.cancelled = True
+
+        job.emit = emit
         engine.submit(job)
         return events
 
     def sse(data) -> str:
         return f"data: {json.dumps(data)}\n\n"
 
-    def stream_response(job: Job, chunks, slot: StreamSlot) -> StreamingResponse:
-        """Run job; `chunks(event)` turns each engine event into the SSE payloads to send."""
+    async def stream_response(job: Job, chunks) -> StreamingResponse:
+        """Run job; `chunks(event)` turns each engine event into the SSE payloads to send. The first event is
+        awaited before answering, so a refused job (unknown session, empty state...) gets its 4xx status rather
+        than a 200 stream holding an error. The stream's slot is taken when the body starts and given back when it
+        ends (a body never started holds none)."""
+        StreamSlot.check()
         events = start_generation(job)
+        try:
+            first = await events.get()
+        except BaseException:  # the client went away before the first token
+            job.cancelled = True
+            raise
+        if "error" in first:
+            job.cancelled = True
+            exc = first["error"]
+            raise exc if isinstance(exc, ServeError) else ServeError(503, "engine_error", str(exc))
 
         async def body():
+            streams["open"] += 1  # counted from here: checked above, not refused mid-stream
+            item = first
             try:
                 while True:
-                    item = await events.get()
                     if "error" in item:
                         exc = item["error"]
                         status, code, msg = (exc.status, exc.code, exc.message) if isinstance(exc, ServeError) \
-                            else (500, "engine_error", str(exc))
+                            else (503, "engine_error", str(exc))
                         yield sse({"error": {"message": msg, "type": "invalid_request_error" if status < 500
                                              else "server_error", "code": code}})
                         break
@@ -340,10 +365,11 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                         yield sse(payload)
                     if "done" in item:
                         break
+                    item = await events.get()
                 yield "data: [DONE]\n\n"
             finally:
                 job.cancelled = True  # a client that went away stops the generation at the next step
-                slot.__exit__()
+                streams["open"] -= 1
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -405,7 +431,6 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             result = await run(job)
             return {**base, "choices": [{"index": 0, "text": result["text"], "logprobs": None,
                                          "finish_reason": result["finish_reason"]}], "usage": usage(result)}
-        slot = StreamSlot().__enter__()
         with_usage = bool((body.stream_options or {}).get("include_usage"))
 
         def chunks(item):
@@ -420,7 +445,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                 return []
             return [{**base, "choices": [{"index": 0, "text": item["text"], "logprobs": None, "finish_reason": None}]}]
 
-        return stream_response(job, chunks, slot)
+        return await stream_response(job, chunks)
 
     def message_text(m: ChatMessage) -> str:
         if isinstance(m.content, str):
@@ -470,7 +495,6 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             if body.session is not None:
                 out["session"] = body.session
             return out
-        slot = StreamSlot().__enter__()
         with_usage = bool((body.stream_options or {}).get("include_usage"))
         first = {"sent": False}
 
@@ -491,7 +515,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                                                  "finish_reason": None}]})
             return out
 
-        return stream_response(job, chunks, slot)
+        return await stream_response(job, chunks)
 
     def checked_render(render):
         def safe(messages, add_generation_prompt):
@@ -553,7 +577,6 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                   make_sampler=sampler_factory(body, n_new, stops(body.stop)))
         if not body.stream:
             return await run(job)
-        slot = StreamSlot().__enter__()
 
         def chunks(item):
             if "done" in item:
@@ -562,7 +585,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                          "usage": usage(r)}]
             return [{"id": session_id, **item}]
 
-        return stream_response(job, chunks, slot)
+        return await stream_response(job, chunks)
 
     @app.websocket("/v1/sessions/{session_id}/ws")
     async def session_ws(websocket: WebSocket, session_id: str):

@@ -154,3 +154,12 @@ def test_token_model_serves_sessions_and_refuses_text(make_server):
         assert r.status_code == 400 and r.json()["error"]["code"] == "no_tokenizer"
         r = http.post(f"/v1/sessions/{sid}/push", json={"observations": [0.5, 1.5]})
         assert r.status_code == 400 and "series model" in r.json()["error"]["message"]
+
+
+def test_a_refused_stream_gets_its_status_not_a_200_stream(http):
+    fake = "s_" + "0" * 24
+    r = http.post(f"/v1/sessions/{fake}/generate", json={"max_tokens": 3})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found"
+    empty = open_session(http)["id"]
+    r = http.post(f"/v1/sessions/{empty}/generate", json={"max_tokens": 3})
+    assert r.status_code == 409
