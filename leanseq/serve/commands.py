@@ -17,7 +17,14 @@ import os
 import sys
 from pathlib import Path
 
-from leanseq.argtypes import positive_int
+from leanseq.argtypes import int_at_least, positive_float, positive_int
+
+
+def _port(text: str) -> int:
+    value = int_at_least(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {text!r}")
+    return value
 
 
 def _read_keys(path: str) -> set[str]:
@@ -37,7 +44,7 @@ def register(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL_DIR", help="checkpoint folder or Hub id in the local cache")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--api-key", action="append", default=[], help="an accepted API key (repeatable; also env "
                    "LEANSEQ_API_KEY)")
     p.add_argument("--api-keys-file", help="a file of accepted API keys, one per line")
@@ -52,7 +59,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-sessions-per-key", type=positive_int, default=10000)
     p.add_argument("--max-body-bytes", type=positive_int, default=8 << 20)
     p.add_argument("--max-concurrent-streams", type=positive_int, default=256)
-    p.add_argument("--idle-seconds", type=float, default=300.0, help="idle sessions leave memory after this "
+    p.add_argument("--idle-seconds", type=positive_float, default=300.0, help="idle sessions leave memory after this "
                    "(they stay in the store)")
     p.add_argument("--max-live", type=positive_int, default=4096, help="sessions held in memory at most")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
