@@ -118,12 +118,16 @@ def test_concurrent_sessions_step_as_one_batch_with_the_same_bits(model, tmp_pat
 
 
 # ---- a real server process, killed with SIGKILL mid-load ------------------------------------------------------
+started: list[subprocess.Popen] = []  # every server process a test started, killed if the test fails
+
+
 class ServerProcess:
     def __init__(self, db):
         cmd = [sys.executable, "-m", "leanseq.cli", "serve", TEXT_MODEL, "--api-key", KEY_A, "--db", str(db),
                "--port", "0", "--no-access-log"]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        started.append(self.proc)
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: [self.lines.put(line) for line in self.proc.stderr], daemon=True).start()
         deadline, seen = time.monotonic() + 120, []
@@ -149,9 +153,19 @@ def stream_tokens(i: int, n: int = 400) -> list[int]:
 
 def test_sigkill_mid_load_loses_no_acknowledged_push_and_restarts_bit_for_bit(tmp_path):
     db = tmp_path / "sessions.db"
+    server = ServerProcess(db)
+    try:
+        run_and_kill(server, db, tmp_path)
+    finally:
+        for proc in started:
+            if proc.poll() is None:  # a failure on the way must not leave a server behind
+                proc.kill()
+                proc.wait(30)
+
+
+def run_and_kill(server, db, tmp_path):
     n = 6
     prompts = [list(f"stream {i}: ".encode()) for i in range(n)]
-    server = ServerProcess(db)
     with server.client() as http:
         sids = [http.post("/v1/sessions", json={"tokens": p}).json()["id"] for p in prompts]
     acked = [[] for _ in range(n)]  # (position, logits) of every answered push
