@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "leanseq.post.export_commands",
     "leanseq.series.commands",
     "leanseq.dna.commands",
+    "leanseq.serve.commands",
 ]
 
 # What a user's input or environment can cause; the message alone says what to fix. ConfigError,

@@ -78,6 +78,9 @@ def weights_hash(model) -> str:
     return digest.hexdigest()
 
 
+FINGERPRINT_KEYS = ("model_class", "model_type", "state_class", "config_sha256", "weights_sha256")
+
+
 def fingerprint(model, include_weights: bool = True) -> dict:
     """What a blob must match to be restored into `model`."""
     return {
@@ -89,8 +92,25 @@ def fingerprint(model, include_weights: bool = True) -> dict:
     }
 
 
-def check_fingerprint(model, saved: dict, check_weights: bool = True) -> None:
-    mine = fingerprint(model, include_weights=False)
+def check_frozen(model, frozen: dict) -> dict:
+    """A fingerprint(model) computed once, for a caller that keeps the model's config and weights frozen (a server
+    writing a blob per request cannot afford a pass over the weights each time). Checked to be whole and to name
+    this model's classes; that the weights did not change since is the caller's promise."""
+    if not isinstance(frozen, dict) or set(frozen) != set(FINGERPRINT_KEYS):
+        raise ValueError(f"a frozen fingerprint is the dict fingerprint(model) returns, with keys {FINGERPRINT_KEYS}")
+    weights = frozen["weights_sha256"]
+    if not isinstance(weights, str) or len(weights) != 64 or any(c not in "0123456789abcdef" for c in weights):
+        raise ValueError("a frozen fingerprint needs the weights hash: compute it with fingerprint(model)")
+    mine = {"model_class": type(model).__name__, "model_type": str(model.config.model_type),
+            "state_class": model.state_class.__name__}  # not the config hash: this check runs on every blob
+    if any(frozen[k] != mine[k] for k in mine):
+        raise ValueError(f"the frozen fingerprint is another model's ({frozen['model_class']}, "
+                         f"{frozen['model_type']!r}), not this {mine['model_class']}'s")
+    return frozen
+
+
+def check_fingerprint(model, saved: dict, check_weights: bool = True, frozen: dict | None = None) -> None:
+    mine = fingerprint(model, include_weights=False) if frozen is None else frozen
     for key, what in (("model_type", "model_type"), ("model_class", "model class"), ("state_class", "state class")):
         if saved.get(key) != mine[key]:
             raise StateMismatchError(
@@ -103,7 +123,7 @@ def check_fingerprint(model, saved: dict, check_weights: bool = True) -> None:
             f"(config sha256 {str(saved.get('config_sha256'))[:12]}... vs this model's {mine['config_sha256'][:12]}...)"
         )
     if check_weights and saved.get("weights_sha256") is not None:
-        mine_w = weights_hash(model)
+        mine_w = weights_hash(model) if frozen is None else frozen["weights_sha256"]
         if saved["weights_sha256"] != mine_w:
             raise StateMismatchError(
                 "state blob belongs to another model: same config but different weights "
@@ -113,7 +133,9 @@ def check_fingerprint(model, saved: dict, check_weights: bool = True) -> None:
 
 
 # ---- encode / decode --------------------------------------------------------------------------------------
-def encode(model, state, last_logits, session_info: dict, include_weights_hash: bool = True) -> bytes:
+def encode(model, state, last_logits, session_info: dict, include_weights_hash: bool = True,
+           frozen: dict | None = None) -> bytes:
+    """The blob's bytes. frozen: fingerprint(model) computed once (see check_frozen), used instead of hashing."""
     from safetensors.torch import save
 
     tensors = {STATE_PREFIX + name: t.detach().contiguous().cpu() for name, t in state.tensors().items()}
@@ -121,7 +143,8 @@ def encode(model, state, last_logits, session_info: dict, include_weights_hash: 
         tensors[LAST_LOGITS] = last_logits.detach().contiguous().cpu()
     payload = save(tensors)
     header = {
-        "fingerprint": fingerprint(model, include_weights=include_weights_hash),
+        "fingerprint": fingerprint(model, include_weights=include_weights_hash) if frozen is None else
+        {**frozen, "weights_sha256": frozen["weights_sha256"] if include_weights_hash else None},
         "session": session_info,
         "payload_len": len(payload),
     }
@@ -206,12 +229,14 @@ def read_file(path: str | os.PathLike) -> bytes:
         return fh.read(total + 1)
 
 
-def decode(model, blob: bytes, check_weights: bool = True):
-    """blob -> (state on the model's device, last_logits or None, session info). Raises StateBlobError."""
+def decode(model, blob: bytes, check_weights: bool = True, frozen: dict | None = None):
+    """blob -> (state on the model's device, last_logits or None, session info). Raises StateBlobError.
+
+    frozen: fingerprint(model) computed once (see check_frozen), compared instead of hashing the model again."""
     from safetensors.torch import load
 
     header, payload = read_header(blob)
-    check_fingerprint(model, header.get("fingerprint") or {}, check_weights)
+    check_fingerprint(model, header.get("fingerprint") or {}, check_weights, frozen)
     info = header.get("session") or {}
     for key in ("batch_size", "position", "prefill_chunk_size"):
         if not isinstance(info.get(key), int):

@@ -20,6 +20,7 @@ from collections.abc import Hashable, Mapping
 import torch
 
 from leanseq.models.state import BATCH_DIM, State
+from leanseq.stream import blob as blobfmt
 from leanseq.stream.session import (
     DEFAULT_PREFILL_CHUNK_SIZE,
     Session,
@@ -110,6 +111,21 @@ class SessionPool:
             self.model, 1, self.prefill_chunk_size, state=self._state.select([row]),
             last_logits=None if last is None else last[None].clone(),
         )
+
+    def state_bytes(self, session_id, metadata: dict | None = None, include_weights_hash: bool = True,
+                    frozen: dict | None = None) -> bytes:
+        """The same bytes as session(session_id) with that metadata, then state_bytes(), without building the
+        Session (a server writes every stepped stream after every step). frozen: see Session.state_bytes."""
+        row = self._check_id(session_id)
+        if frozen is not None:
+            blobfmt.check_frozen(self.model, frozen)
+        last = self._last_logits[session_id]
+        state = self._state.select([row])
+        info = {"batch_size": 1, "position": int(state.position[0]), "prefill_chunk_size": self.prefill_chunk_size}
+        if metadata is not None:
+            info["metadata"] = metadata
+        return blobfmt.encode(self.model, state, None if last is None else last[None], info,
+                              include_weights_hash=include_weights_hash, frozen=frozen)
 
     def position(self, session_id) -> int:
         return int(self._state.position[self._check_id(session_id)])

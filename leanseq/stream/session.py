@@ -207,17 +207,28 @@ class Session:
         )
 
     # ---- serialisation --------------------------------------------------------------------------------
-    def state_bytes(self, include_weights_hash: bool = True) -> bytes:
-        """The stream as self-checking bytes (see leanseq.stream.blob); Session.restore reads them back."""
+    def state_bytes(self, include_weights_hash: bool = True, frozen: dict | None = None) -> bytes:
+        """The stream as self-checking bytes (see leanseq.stream.blob); Session.restore reads them back.
+
+        frozen: leanseq.stream.fingerprint(model), computed once by a caller that keeps the model frozen (a server
+        saving every stream after every step), instead of a pass over the weights per call."""
+        if frozen is not None:
+            blobfmt.check_frozen(self.model, frozen)
         info = {"batch_size": self.batch_size, "position": self.position, "prefill_chunk_size": self.prefill_chunk_size}
         if self.metadata is not None:
             info["metadata"] = self.metadata
-        return blobfmt.encode(self.model, self.state, self.last_logits, info, include_weights_hash=include_weights_hash)
+        return blobfmt.encode(self.model, self.state, self.last_logits, info, include_weights_hash=include_weights_hash,
+                              frozen=frozen)
 
     @classmethod
-    def restore(cls, model, blob: bytes, prefill_chunk_size: int | None = None, check_weights: bool = True) -> Session:
-        """A Session continuing exactly where the one that wrote `blob` stood; refuses blobs of other models."""
-        state, last_logits, info = blobfmt.decode(model, blob, check_weights=check_weights)
+    def restore(cls, model, blob: bytes, prefill_chunk_size: int | None = None, check_weights: bool = True,
+                frozen: dict | None = None) -> Session:
+        """A Session continuing exactly where the one that wrote `blob` stood; refuses blobs of other models.
+
+        frozen: leanseq.stream.fingerprint(model) computed once for a model kept frozen (see state_bytes)."""
+        if frozen is not None:
+            blobfmt.check_frozen(model, frozen)
+        state, last_logits, info = blobfmt.decode(model, blob, check_weights=check_weights, frozen=frozen)
         try:
             check_last_logits(model, last_logits, info["batch_size"])
         except (TypeError, ValueError) as exc:

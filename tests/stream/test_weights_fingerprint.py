@@ -129,3 +129,33 @@ def test_weights_on_the_meta_device_are_named(make_model):
     model.backbone.norm_f.to("meta")
     with pytest.raises(ValueError, match="'backbone.norm_f.weight' is on the meta device"):
         weights_hash(model)
+
+
+
+def test_a_fingerprint_computed_once_gives_the_same_blobs_and_checks(mamba, make_model):
+    """A server fingerprints its frozen model once and passes it: the blobs are the same bytes, restore the same,
+    and a blob of other weights is still refused."""
+    from leanseq.stream import SessionPool, fingerprint
+
+    session = Session(mamba)
+    session.push([1, 2, 3])
+    frozen = fingerprint(mamba)
+    blob = session.state_bytes(frozen=frozen)
+    assert blob == session.state_bytes()
+    assert session.state_bytes(include_weights_hash=False, frozen=frozen) == session.state_bytes(False)
+    restored = Session.restore(mamba, blob, frozen=frozen)
+    assert torch.equal(restored.push(4), session.push(4))
+    other = make_model("mamba", seed=1)  # same config, other weights
+    with pytest.raises(StateMismatchError, match="different weights"):
+        Session.restore(mamba, Session(other).state_bytes(), frozen=frozen)
+    with pytest.raises(ValueError, match="weights hash"):
+        session.state_bytes(frozen=fingerprint(mamba, include_weights=False))
+    with pytest.raises(ValueError, match="another model"):
+        session.state_bytes(frozen=fingerprint(make_model("transformer")))
+    # a pool row's bytes without building a Session: identical to the Session's, metadata included
+    pool = SessionPool(mamba)
+    a = pool.open()
+    pool.push(a, [5, 6])
+    twin = pool.session(a)
+    twin.metadata = {"note": "x"}
+    assert pool.state_bytes(a, metadata={"note": "x"}, frozen=frozen) == twin.state_bytes()

@@ -1,0 +1,698 @@
+"""The engine: one thread owns the model, a SessionPool of live sessions and the store; requests queue to it.
+
+Each round the engine takes, in arrival order, at most one queued job per session (so one session's requests
+are applied in the order they came, never interleaved), runs every single-token step of the round as one
+batched SessionPool.step, runs prompts (several tokens) one by one through chunked prefill, writes the state
+record of every session the round changed to the store in one transaction, and only then answers the jobs.
+A push that was answered is therefore on disk; a server killed at any moment restarts where the last answered
+push left each session. The record is a log entry (the tokens fed, a few bytes) and, every `checkpoint_every`
+entries of a session (and when it is opened, forked, imported, its chat changes, it leaves memory or the server
+stops), a checkpoint: its whole state blob. Loading a session restores its checkpoint and replays its log.
+
+Exactness. On CPU a Mamba step of one row takes a matrix-vector path whose sums round differently from the
+batched path (rows of batches of 2 and more are identical to each other, whatever the batch). So a stream's
+logits would depend on whether it happened to be alone in its round. When a probe at start-up sees that the
+model has this property, a lone step is run beside a scratch row, and every stream gets the same bits whatever
+the traffic: a replayed log gives the very state that was acknowledged, and a restarted server continues bit for
+bit (on the same machine, with the same number of torch threads, which decides how sums are split).
+
+Sessions not touched for `idle_seconds` (or beyond `max_live` in memory) leave the pool; their state is already
+in the store, and the next request loads it back. A stored blob that fails its checks (checksum, model
+fingerprint, tensor shapes) is moved to quarantine and reported, never loaded.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import copy
+import itertools
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from leanseq.serve.store import LogEntry, Store
+from leanseq.stream import Session, SessionPool, StateBlobError
+from leanseq.stream.blob import fingerprint
+
+log = logging.getLogger("leanseq.serve")
+
+PAD_ID = "__pad__"  # the scratch row beside a lone step (see the module docstring)
+PAD_RESET_STEPS = 4096  # reopen the scratch row now and then (a transformer's cache would otherwise grow)
+
+
+class ServeError(Exception):
+    """An answer for the client: HTTP status, a short code and a message saying what to fix."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def new_session_id() -> str:
+    return "s_" + secrets.token_hex(12)
+
+
+def needs_batch_partner(model) -> bool:
+    """True when a step of one row gives other bits than the same row stepped in a batch (see module docs)."""
+    with torch.no_grad():
+        one, two = model.init_state(1), model.init_state(2)
+        for token in (1 % model.vocab_size, 2 % model.vocab_size, 3 % model.vocab_size):
+            lone, one = model.step(torch.tensor([token]), one)
+            pair, two = model.step(torch.tensor([token, token]), two)
+            if not torch.equal(lone[0], pair[0]):
+                return True
+    return False
+
+
+def _resolve(jobs: list[Job]) -> None:
+    """On the event loop: copy each job's outcome to its asyncio future."""
+    for job in jobs:
+        waiter = job.waiter[1]
+        if waiter.done():  # the request was cancelled (client gone)
+            continue
+        error = job.future.exception()
+        if error is not None:
+            waiter.set_exception(error)
+        else:
+            waiter.set_result(job.future.result())
+
+
+class TokenSampler:
+    """Generation for a model without a tokenizer: RowSampler's choose/accept on token ids, no text."""
+
+    def __init__(self, model, *, temperature=None, top_k=None, top_p=None, seed=None, eos_ids=(),
+                 max_new_tokens: int = 16):
+        from leanseq.models.generation import check_sampling
+
+        check_sampling(temperature, top_k, top_p)
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+        self.eos, self.max_new_tokens = set(eos_ids), max_new_tokens
+        self.ids: list[int] = []
+        self.done = max_new_tokens == 0
+        self.stopped_by = "length" if self.done else None
+
+    def choose(self, logits: torch.Tensor) -> int:
+        from leanseq.models.generation import sample_next
+
+        return int(sample_next(logits.detach().float().reshape(1, -1), self.temperature, self.top_k, self.top_p,
+                               self.generator)[0])
+
+    def accept(self, token: int) -> str:
+        self.ids.append(token)
+        if token in self.eos:
+            self.done, self.stopped_by = True, "eos"
+        elif len(self.ids) >= self.max_new_tokens:
+            self.done, self.stopped_by = True, "length"
+        return ""
+
+
+@dataclass
+class Job:
+    kind: str  # open | push | generate | info | delete | fork | export | import
+    owner: str
+    session_id: str | None = None
+    tokens: list[int] | None = None
+    return_logits: bool = False
+    expected_position: int | None = None
+    metadata: dict | None = None
+    blob: bytes | None = None
+    # generation
+    make_sampler: Callable | None = None  # prompt ids -> a RowSampler (text) or TokenSampler (token ids)
+    sampler: object = None
+    emit: Callable[[dict], None] | None = None
+    ephemeral: bool = False
+    chat_user: list | None = None  # a chat's new messages, rendered after the session's kept history
+    render: Callable | None = None  # (messages, add_generation_prompt) -> text, for chat_user
+    cancelled: bool = False
+    # engine-side progress
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    # (event loop, asyncio future): answered with the round's other answers in one wake-up of that loop
+    waiter: tuple | None = None
+    delivered: bool = False
+    started: bool = False
+    pending: tuple | None = None  # (token, text piece) chosen, to be stepped this round
+    stepped: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    result: object = None
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+        if self.emit is not None:
+            self.emit({"error": exc})
+
+
+class Engine:
+    def __init__(self, model, store: Store, *, tokenizer=None, max_sessions_per_key: int = 1000,
+                 idle_seconds: float = 300.0, max_live: int = 4096, max_batch: int = 1024,
+                 prefill_chunk_size: int = 256, meter=None, start: bool = True, checkpoint_every: int = 64,
+                 stagger_checkpoints: bool = True):
+        """start=False: queue jobs first, then start(); the first round then takes them all at once.
+        stagger_checkpoints=False: every session checkpoints after exactly checkpoint_every log entries."""
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.store = store
+        self.pool = SessionPool(self.model, prefill_chunk_size)
+        # the model never changes while serving: fingerprint it once for every blob written and read
+        self.frozen = fingerprint(self.model)
+        self.pad = needs_batch_partner(self.model)
+        self._pad_steps = 0
+        self.max_sessions_per_key = max_sessions_per_key
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        self.checkpoint_every = checkpoint_every
+        self.unsaved: dict[str, int] = {}  # live session -> log entries written since its checkpoint
+        # a new session's first checkpoint comes after a random share of checkpoint_every: streams that started
+        # together (a load test, a fleet of sensors) then checkpoint in different rounds, not all in one
+        self._phase: dict[str, int] = {}
+        self.stagger_checkpoints = stagger_checkpoints
+        self._fed: dict[str, list[LogEntry]] = {}  # this round's pushes, per session, to log
+        self._checkpoint_due: set[str] = set()
+        self._replaying = False
+        self.idle_seconds, self.max_live, self.max_batch = idle_seconds, max_live, max_batch
+        self.meta: dict[str, dict] = {}  # live session -> {"owner", "serve": metadata kept in its blob}
+        self.last_used: dict[str, float] = {}
+        self.owners = store.owners()  # every stored session's owner: sessions per key, visibility
+        self.quarantined = {sid for sid, _ in store.quarantined()}
+        self.meter = meter
+        self.stats = {"rounds": 0, "steps": 0, "tokens_pushed": 0, "tokens_generated": 0, "predictions": 0,
+                      "joules": 0.0, "evicted": 0, "loaded": 0, "quarantined": len(self.quarantined),
+                      "batch_rows": 0, "checkpoints": 0, "log_entries": 0, "replayed": 0}
+        self.energy_method = meter.method if meter is not None else "not metered"
+        self._queue: queue.Queue = queue.Queue()
+        self._pending: list[Job] = []
+        self._stopping = threading.Event()
+        self._ephemeral_ids = itertools.count()
+        self._thread = threading.Thread(target=self._loop, name="leanseq-serve-engine", daemon=True)
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # ---- the request side (any thread) -------------------------------------------------------------------
+    def submit(self, job: Job) -> concurrent.futures.Future:
+        if self._stopping.is_set():
+            raise ServeError(503, "shutting_down", "the server is shutting down; retry on another replica")
+        self._queue.put(job)
+        return job.future
+
+    def sessions_of(self, owner: str) -> int:
+        return sum(1 for o in list(self.owners.values()) if o == owner)
+
+    @property
+    def live_sessions(self) -> int:
+        return len(self.pool) - (PAD_ID in self.pool)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the queued work, write every live session and close the store."""
+        self._stopping.set()
+        self._queue.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.store.close()
+
+    # ---- the engine thread ---------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            if not self._pending:
+                try:
+                    job = self._queue.get(timeout=1.0)
+                except queue.Empty:
+                    self._evict(time.monotonic())
+                    continue
+                if job is None:
+                    break
+                self._pending.append(job)
+            stop = False
+            while len(self._pending) < self.max_batch:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                self._pending.append(job)
+            self._round()
+            self._evict(time.monotonic())
+            if stop:
+                break
+        # shutdown: generations still running end here (their states so far are written), queued work is refused
+        for job in self._pending:
+            job.cancelled = True
+        while self._pending:
+            self._round()
+        self._checkpoint(list(self.unsaved))  # graceful: every live session leaves a checkpoint, no log to replay
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.fail(ServeError(503, "shutting_down", "the server is shutting down"))
+                self._deliver([job])
+
+    def _round(self) -> None:
+        jobs = list(self._pending)
+        try:
+            self._round_of(jobs)
+            self._deliver(jobs)
+        except Exception as exc:  # a bug or a failed store write must not kill the engine or be acknowledged
+            log.exception("engine round failed")
+            error = ServeError(503, "engine_error", f"the engine failed on this round: {exc}")
+            for job in jobs:
+                job.fail(error)
+                # the state in memory may be ahead of the store: drop it, the next request reloads the stored one
+                if job.session_id in self.pool:
+                    self._evict_one(job.session_id, save=False)
+            for sid in list(self._fed) + list(self._checkpoint_due):
+                if sid in self.pool:
+                    self._evict_one(sid, save=False)
+            self._fed.clear()
+            self._checkpoint_due.clear()
+            self._pending = []
+            self._deliver(jobs)
+
+    @staticmethod
+    def _deliver(jobs: list[Job]) -> None:
+        """Answer the asyncio waiters of finished jobs: one call_soon_threadsafe per event loop per round, not one
+        per job (each is a write to the loop's wake-up pipe)."""
+        by_loop: dict = {}
+        for job in jobs:
+            if job.waiter is not None and not job.delivered and job.future.done():
+                job.delivered = True
+                by_loop.setdefault(job.waiter[0], []).append(job)
+        for loop, done in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, done)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+    def _round_of(self, jobs: list[Job]) -> None:
+        taken, rest, seen = [], [], set()
+        for job in jobs:
+            if job.session_id is not None and job.session_id in seen:
+                rest.append(job)
+                continue
+            if job.session_id is not None:
+                seen.add(job.session_id)
+            taken.append(job)
+        self._pending = rest
+        steps: dict[str, int] = {}
+        step_jobs: list[Job] = []
+        done: list[Job] = []
+        meter = self.meter.measure() if self.meter is not None else None
+        window = meter.__enter__() if meter is not None else None
+        try:
+            for job in taken:
+                try:
+                    token = self._start(job, done)
+                except ServeError as exc:
+                    job.fail(exc)
+                    if job.ephemeral and job.session_id in self.pool:
+                        self._evict_one(job.session_id, save=False)
+                    continue
+                if token is not None:
+                    steps[job.session_id] = token
+                    step_jobs.append(job)
+            step_logits = self._step(steps) if steps else {}
+        finally:
+            if meter is not None:
+                meter.__exit__(None, None, None)
+        if window is not None and window.result is not None:
+            self.stats["joules"] += window.result.energy_j
+            self.meter.measurements.clear()  # the meter keeps every window; a server runs for ever
+        self.stats["rounds"] += 1
+        self.stats["predictions"] += len(steps)
+        self._persist()
+        for job in step_jobs:
+            self._after_step(job, step_logits[job.session_id], done)
+        for job in done:
+            self._finish(job)
+        # generations that go on keep their place ahead of later jobs for the same session
+        going = [j for j in taken if j.kind == "generate" and not j.future.done() and j not in done]
+        self._pending = going + self._pending
+
+    # one job's part of a round: returns a token to step in the batch, or None when the job ran alone
+    def _start(self, job: Job, done: list) -> int | None:
+        kind = job.kind
+        if kind == "import":
+            self._check_quota(job.owner)
+            try:
+                session = Session.restore(self.model, job.blob, frozen=self.frozen)
+            except (StateBlobError, TypeError, ValueError) as exc:
+                raise ServeError(400, "invalid_state_blob", f"the state blob was refused: {exc}") from exc
+            if session.batch_size != 1:
+                raise ServeError(400, "invalid_state_blob", f"a session is one stream; the blob has {session.batch_size}")
+            sid = self._add(job.owner, session, {})
+            job.result = self._describe(sid)
+            done.append(job)
+            return None
+        if kind == "open":
+            self._check_quota(job.owner)
+            sid = self._add(job.owner, None, job.metadata or {})
+            job.session_id = sid
+            job.result = self._describe(sid)
+            if job.tokens:
+                job.result = self._push_alone(job, sid, job.tokens)
+            done.append(job)
+            return None
+        if kind == "generate" and job.ephemeral and not job.started:
+            job.session_id = f"tmp-{next(self._ephemeral_ids)}"
+            self.pool.open(job.session_id)
+            self.meta[job.session_id] = {"owner": job.owner, "serve": {}, "ephemeral": True}
+        sid = job.session_id
+        self._load(sid, job.owner)
+        self.last_used[sid] = time.monotonic()
+        if kind == "info":
+            job.result = self._describe(sid)
+            done.append(job)
+        elif kind == "export":
+            job.result = self._blob(sid)
+            done.append(job)
+        elif kind == "delete":
+            self.pool.close(sid)
+            self.store.delete(sid)
+            for table in (self.meta, self.last_used, self.owners, self.unsaved, self._fed, self._phase):
+                table.pop(sid, None)
+            self._checkpoint_due.discard(sid)
+            job.result = {"id": sid, "object": "session.deleted", "deleted": True}
+            done.append(job)
+        elif kind == "fork":
+            self._check_quota(job.owner)
+            twin = self.pool.session(sid)
+            new = self._add(job.owner, twin, copy.deepcopy(self.meta[sid]["serve"]))
+            job.result = self._describe(new)
+            done.append(job)
+        elif kind == "push":
+            position = self.pool.position(sid)
+            if job.expected_position is not None and job.expected_position != position:
+                raise ServeError(409, "position_mismatch",
+                                 f"session {sid} is at position {position}, not the expected {job.expected_position} "
+                                 "(an earlier push was applied, or another client pushed): GET the session and retry")
+            if len(job.tokens) == 1:
+                return job.tokens[0]
+            job.result = self._push_alone(job, sid, job.tokens)
+            done.append(job)
+        elif kind == "generate":
+            return self._generate_round(job, done)
+        else:  # pragma: no cover (the app builds only the kinds above)
+            raise ServeError(400, "bad_job", f"unknown job kind {kind!r}")
+        return None
+
+    def _generate_round(self, job: Job, done: list) -> int | None:
+        sid = job.session_id
+        if job.cancelled:
+            done.append(job)
+            return None
+        if not job.started:
+            job.started = True
+            if job.chat_user is not None:
+                self._chat_begin(job)
+            job.sampler = job.make_sampler(list(job.tokens or []))
+            if job.tokens:
+                logits = self._feed(sid, job.tokens, keep_logits=False)[-1]
+                self.stats["tokens_pushed"] += len(job.tokens)
+            else:
+                logits = self.pool.last_logits(sid)
+                if logits is None:
+                    raise ServeError(409, "empty_session",
+                                     f"session {sid} holds no tokens yet, so there is nothing to continue from: "
+                                     "push tokens or give a prompt")
+            self._choose(job, logits, done)
+            return None
+        return job.pending[0] if job.pending is not None else None
+
+    def _choose(self, job: Job, logits, done: list) -> None:
+        if job.sampler.done:
+            done.append(job)
+            return
+        token = job.sampler.choose(logits)
+        piece = job.sampler.accept(token)
+        job.pending = (token, piece)
+
+    def _after_step(self, job: Job, logits, done: list) -> None:
+        if job.kind == "push":
+            position = self.pool.position(job.session_id)
+            job.result = self._push_result(job.session_id, position, logits[None], job.return_logits)
+            self.stats["tokens_pushed"] += 1
+            done.append(job)
+            return
+        token, piece = job.pending
+        job.pending = None
+        job.stepped.append(token)
+        job.text.append(piece)
+        self.stats["tokens_generated"] += 1
+        if job.emit is not None:
+            job.emit({"token": token, "text": piece, "position": self.pool.position(job.session_id)})
+        self._choose(job, logits, done)
+
+    def _finish(self, job: Job) -> None:
+        if job.future.done():
+            return
+        if job.kind == "generate":
+            sid = job.session_id
+            if job.chat_user is not None and sid in self.meta:
+                self._chat_end(job)
+            finish = "cancelled" if job.cancelled else ("stop" if job.sampler.stopped_by in ("eos", "stop")
+                                                         else "length")
+            job.result = {"id": sid, "tokens": list(job.stepped), "text": "".join(job.text),
+                          "finish_reason": finish, "prompt_tokens": len(job.tokens or []),
+                          "completion_tokens": len(job.stepped), "position": self.pool.position(sid)}
+            if job.ephemeral:
+                self.pool.close(sid)
+                self.meta.pop(sid, None)
+                self.last_used.pop(sid, None)
+            if job.emit is not None:
+                job.emit({"done": job.result})
+        job.future.set_result(job.result)
+
+    # ---- chat bookkeeping (kept in the blob's metadata, so it is checksummed and restored with the state) ----
+    def _chat_begin(self, job: Job) -> None:
+        """The text this turn adds: the whole chat rendered, less what the state already holds (as ChatSession)."""
+        chat = self.meta[job.session_id]["serve"].setdefault("chat", {"messages": [], "fed": ""})
+        full = job.render([*chat["messages"], *job.chat_user], True)
+        same = 0
+        for a, b in zip(full, chat["fed"]):
+            if a != b:
+                break
+            same += 1
+        delta = full[same:]
+        tokens = self.tokenizer.encode(delta)
+        if not tokens:
+            raise ServeError(400, "empty_turn", "the new messages add no text to the conversation")
+        job.tokens = tokens
+        chat["messages"].extend(job.chat_user)
+        chat["fed"] += delta
+        self._checkpoint_due.add(job.session_id)
+
+    def _chat_end(self, job: Job) -> None:
+        chat = self.meta[job.session_id]["serve"]["chat"]
+        chat["messages"].append({"role": "assistant", "content": "".join(job.text)})
+        if self.tokenizer is not None and job.stepped:
+            chat["fed"] += self.tokenizer.decode(job.stepped, skip_special_tokens=False)
+        if not self.meta[job.session_id].get("ephemeral"):
+            self._checkpoint_due.add(job.session_id)
+            self._persist()
+
+    # ---- helpers ----------------------------------------------------------------------------------------------
+    def _check_quota(self, owner: str) -> None:
+        if self.sessions_of(owner) >= self.max_sessions_per_key:
+            raise ServeError(429, "too_many_sessions",
+                             f"this API key holds {self.max_sessions_per_key} sessions, the limit: "
+                             "DELETE sessions it no longer needs")
+
+    def _add(self, owner: str, session: Session | None, serve_meta: dict) -> str:
+        self._make_room()
+        sid = new_session_id()
+        self.pool.open(sid, session)
+        self.meta[sid] = {"owner": owner, "serve": serve_meta}
+        self.last_used[sid] = time.monotonic()
+        self.owners[sid] = owner
+        self.unsaved[sid] = 0
+        if self.stagger_checkpoints:
+            self._phase[sid] = secrets.randbelow(self.checkpoint_every)
+        self._checkpoint_due.add(sid)
+        return sid
+
+    def _load(self, sid: str, owner: str) -> None:
+        """Make sure `sid` is live in the pool and belongs to `owner` (else 404: others' sessions do not exist)."""
+        if sid in self.meta and sid in self.pool:
+            if self.meta[sid]["owner"] != owner:
+                raise ServeError(404, "session_not_found", f"no session {sid}")
+            return
+        if sid in self.quarantined and self.owners.get(sid, owner) == owner:
+            raise ServeError(410, "session_quarantined",
+                             f"session {sid} had a stored state that failed its checks; it was quarantined")
+        stored = self.store.get(sid)
+        if stored is None or stored.owner != owner:
+            raise ServeError(404, "session_not_found", f"no session {sid}")
+        self._make_room()
+        try:
+            session = Session.restore(self.model, stored.blob, frozen=self.frozen)
+            serve_meta = (session.metadata or {}).get("serve", {})
+            if not isinstance(serve_meta, dict) or session.batch_size != 1:
+                raise StateBlobError("the blob is not a served session's (no serve metadata, or several rows)")
+            if session.position != stored.position:
+                raise StateBlobError(f"the row says position {stored.position}, its blob {session.position}")
+            self.pool.open(sid, session)
+            self.meta[sid] = {"owner": owner, "serve": serve_meta}
+            self._replay(sid, stored.log)
+        except (StateBlobError, TypeError, ValueError) as exc:
+            for table in (self.meta, self._fed):
+                table.pop(sid, None)
+            if sid in self.pool:
+                self.pool.close(sid)
+            reason = str(exc)
+            log.error("session %s: stored state refused and quarantined: %s", sid, reason)
+            self.store.quarantine(sid, reason)
+            self.quarantined.add(sid)
+            self.stats["quarantined"] += 1
+            raise ServeError(410, "session_quarantined",
+                             f"session {sid}: its stored state failed its checks ({reason}); it was quarantined, "
+                             "not loaded") from exc
+        self.last_used[sid] = time.monotonic()
+        self.unsaved[sid] = len(stored.log)
+        self.stats["loaded"] += 1
+
+    def _replay(self, sid: str, entries: list[LogEntry]) -> None:
+        """Feed a restored checkpoint the pushes logged after it, exactly as they were first fed."""
+        self._replaying = True
+        try:
+            for entry in entries:
+                tokens = entry.tokens
+                if not isinstance(tokens, list) or not tokens or \
+                        not all(type(t) is int and 0 <= t < self.model.vocab_size for t in tokens):
+                    raise StateBlobError(f"log entry at position {entry.position} holds no valid token ids")
+                if entry.position != self.pool.position(sid) + len(tokens):
+                    raise StateBlobError(f"log entry ends at position {entry.position} but follows position "
+                                         f"{self.pool.position(sid)} with {len(tokens)} tokens: the log has a gap")
+                self._feed(sid, tokens, entry.keep_logits)
+                self.stats["replayed"] += 1
+        finally:
+            self._replaying = False
+
+    def _make_room(self) -> None:
+        if self.live_sessions < self.max_live:
+            return
+        busy = {j.session_id for j in self._pending}
+        for sid in sorted(self.last_used, key=self.last_used.get):
+            if self.live_sessions < self.max_live:
+                break
+            if sid not in busy and not self.meta.get(sid, {}).get("ephemeral"):
+                self._evict_one(sid)
+
+    def _evict(self, now: float) -> None:
+        busy = {j.session_id for j in self._pending}
+        for sid, used in list(self.last_used.items()):
+            if now - used > self.idle_seconds and sid not in busy and not self.meta.get(sid, {}).get("ephemeral"):
+                self._evict_one(sid)
+
+    def _evict_one(self, sid: str, save: bool = True) -> None:
+        # every change was written before it was answered: leaving memory loses nothing; a checkpoint first
+        # spares the next load a replay (save=False: the memory state is not trusted, the store's is)
+        if save and self.unsaved.get(sid):
+            self._checkpoint([sid])
+        self.pool.close(sid)
+        for table in (self.meta, self.last_used, self.unsaved, self._fed, self._phase):
+            table.pop(sid, None)
+        self._checkpoint_due.discard(sid)
+        self.stats["evicted"] += 1
+
+    def _step(self, steps: dict[str, int]) -> dict:
+        if self.pad and len(steps) == 1:
+            if PAD_ID in self.pool and self._pad_steps >= PAD_RESET_STEPS:
+                self.pool.close(PAD_ID)
+            if PAD_ID not in self.pool:
+                self.pool.open(PAD_ID)
+                self._pad_steps = 0
+            self._pad_steps += 1
+            out = self.pool.step({**steps, PAD_ID: 0})
+            out.pop(PAD_ID)
+        else:
+            out = self.pool.step(steps)
+        self.stats["steps"] += 1
+        self.stats["batch_rows"] += len(steps)
+        if not self._replaying:
+            for sid, token in steps.items():
+                self._fed.setdefault(sid, []).append(LogEntry(self.pool.position(sid), [token], True))
+        return out
+
+    def _feed(self, sid: str, tokens: list[int], keep_logits: bool):
+        """Feed one session alone: (n, V) logits, or (1, V) for the last token when keep_logits is False. A single
+        token takes the batched path's arithmetic (see _step); several take the chunked prefill."""
+        if len(tokens) == 1:
+            return self._step({sid: tokens[0]})[sid][None]
+        logits = self.pool.push(sid, tokens, keep_logits=keep_logits)
+        if not self._replaying:
+            self._fed.setdefault(sid, []).append(LogEntry(self.pool.position(sid), list(tokens), keep_logits))
+        return logits if keep_logits else logits[None]
+
+    def _push_alone(self, job: Job, sid: str, tokens: list[int]) -> dict:
+        logits = self._feed(sid, tokens, keep_logits=True)  # (n, V)
+        self.stats["tokens_pushed"] += len(tokens)
+        self.stats["predictions"] += len(tokens)
+        return self._push_result(sid, self.pool.position(sid), logits, job.return_logits)
+
+    def _push_result(self, sid: str, position: int, logits, return_logits: bool) -> dict:
+        out = {"id": sid, "object": "session.push", "position": position,
+               "next_tokens": [int(i) for i in logits.argmax(dim=-1).tolist()]}
+        if return_logits:
+            out["logits"] = logits.float().tolist()
+        return out
+
+    def _describe(self, sid: str) -> dict:
+        last = self.pool.last_logits(sid)
+        serve = self.meta[sid]["serve"]
+        out = {"id": sid, "object": "session", "position": self.pool.position(sid),
+               "next_token": None if last is None else int(last.argmax()),
+               "state_bytes": self.pool.session(sid).nbytes()}
+        if "chat" in serve:
+            out["messages"] = list(serve["chat"]["messages"])
+        return out
+
+    def _blob(self, sid: str) -> bytes:
+        return self.pool.state_bytes(sid, metadata={"serve": self.meta[sid]["serve"]}, frozen=self.frozen)
+
+    def _persist(self) -> None:
+        """Write this round's changes in one transaction: log entries, and checkpoints where due."""
+        due = set(self._checkpoint_due)
+        entries = []
+        for sid, fed in self._fed.items():
+            if self.meta.get(sid, {}).get("ephemeral") or sid not in self.pool:
+                continue
+            if self.unsaved.get(sid, 0) + len(fed) + self._phase.get(sid, 0) >= self.checkpoint_every:
+                due.add(sid)
+                self._phase.pop(sid, None)  # from now on, every checkpoint_every entries
+            elif sid not in due:
+                entries.extend((sid, entry) for entry in fed)
+        checkpoints = [(sid, self.meta[sid]["owner"], self._blob(sid), self.pool.position(sid))
+                       for sid in due if sid in self.pool and not self.meta[sid].get("ephemeral")]
+        self.store.commit(checkpoints, entries)
+        for sid, _ in entries:
+            self.unsaved[sid] = self.unsaved.get(sid, 0) + 1
+        for sid, *_ in checkpoints:
+            self.unsaved[sid] = 0
+        self.stats["checkpoints"] += len(checkpoints)
+        self.stats["log_entries"] += len(entries)
+        self._fed.clear()
+        self._checkpoint_due.clear()
+
+    def _checkpoint(self, sids) -> None:
+        """Checkpoint these live sessions now (before they leave memory, and at shutdown)."""
+        rows = [(sid, self.meta[sid]["owner"], self._blob(sid), self.pool.position(sid))
+                for sid in sids if sid in self.pool and sid in self.meta and not self.meta[sid].get("ephemeral")]
+        self.store.commit(rows, [])
+        for sid, *_ in rows:
+            self.unsaved[sid] = 0
+        self.stats["checkpoints"] += len(rows)
