@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from leanseq.series import metrics
-from leanseq.series.report import run_metadata, save_figure, write_text_atomic
+from leanseq.series.report import run_metadata, save_figure, write_stream_report
 
 
 @dataclasses.dataclass
@@ -329,12 +329,4 @@ def plot(results: dict, path: Path) -> Path:
 
 
 def write_report(results: dict, out: Path, stem: str = "anomalies") -> dict:
-    import json
-
-    header = f"Produced by `{results['command']}`.\n\n" if results.get("command") else ""
-    meta = results["metadata"]
-    footer = (f"\nRun: {meta['date_utc']}, {meta['cpu']}, {results['config']['threads']} torch thread(s), "
-              f"{results['total_wall_s'] / 60:.1f} min in all.\n")
-    return {"table": write_text_atomic(out / f"{stem}.md", header + table(results) + footer),
-            "json": write_text_atomic(out / f"{stem}.json", json.dumps(results, indent=1, default=str) + "\n"),
-            "plot": plot(results, out / f"{stem}.png")}
+    return write_stream_report(results, out, stem, table, plot)

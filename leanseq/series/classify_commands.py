@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from leanseq.series.commands import positive_float, positive_int
+from leanseq.argtypes import positive_float, positive_int
 
 
 def add_subcommand(series_sub) -> None:
