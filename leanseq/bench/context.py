@@ -36,6 +36,7 @@ import torch
 
 from leanseq.energy import Meter
 from leanseq.models.base import LanguageModel
+from leanseq.models.checkpoint import write_file_atomic
 
 DEFAULT_LENGTHS = [2**k for k in range(10, 21, 2)]  # 2^10, 2^12, ... 2^20
 QUICK_LENGTHS = [64, 128, 256]
@@ -541,18 +542,12 @@ def plot(results: dict, path: str | os.PathLike) -> Path:
     return path
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_outputs(results: dict, out_dir: str | os.PathLike, table: str | None = None) -> dict[str, Path]:
     """context_race.json, context_race.txt (the table) and context_race.png in out_dir, each written atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / JSON_NAME, "table": out / TABLE_NAME, "plot": out / PNG_NAME}
-    _write_text_atomic(paths["json"], json.dumps(results, indent=2, allow_nan=False) + "\n")
-    _write_text_atomic(paths["table"], (table or format_table(results)) + "\n\n" + "\n".join(results["summary"]) + "\n")
+    write_file_atomic(paths["json"], json.dumps(results, indent=2, allow_nan=False) + "\n")
+    write_file_atomic(paths["table"], (table or format_table(results)) + "\n\n" + "\n".join(results["summary"]) + "\n")
     plot(results, paths["plot"])
     return paths

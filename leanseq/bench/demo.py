@@ -293,12 +293,12 @@ def write_outputs(results: dict, out_dir: str | os.PathLike, command: str | None
                   sources: dict | None = None) -> dict[str, Path]:
     import json
 
-    from leanseq.bench.repro import write_text_atomic
+    from leanseq.models.checkpoint import write_file_atomic
 
     out = Path(out_dir)
     return {
-        "report": write_text_atomic(out / "report.md", format_report(results, command, sources)),
-        "json": write_text_atomic(out / "demo.json", json.dumps(results, indent=2, default=str) + "\n"),
+        "report": write_file_atomic(out / "report.md", format_report(results, command, sources)),
+        "json": write_file_atomic(out / "demo.json", json.dumps(results, indent=2, default=str) + "\n"),
         "plot": plot(results, out / "plot.png"),
     }
 

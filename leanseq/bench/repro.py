@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from leanseq.bench.context import estimate_memory, is_transformer, predict_seconds, run_metadata
+from leanseq.models.checkpoint import write_file_atomic
 
 # ---- the published numbers ----------------------------------------------------------------------------------
 # Mamba paper, Table 11 (Table 2 plots the same): induction-heads accuracy (%) by test length, trained at 2^8.
@@ -554,15 +555,6 @@ def _save(fig, plt, path) -> Path:
     return path
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
 def write_results(results: dict, out_dir: str | os.PathLike, stem: str, table: str, plotter,
                   command: str | None = None) -> dict[str, Path]:
     """<stem>.md (the table, with the command that produced it), <stem>.json and <stem>.png in out_dir."""
@@ -573,8 +565,8 @@ def write_results(results: dict, out_dir: str | os.PathLike, stem: str, table: s
               f"{results['metadata']['torch_threads']} torch threads, load average {load if load is None else f'{load:.2f}'}, "
               f"{results['total_wall_s'] / 60:.1f} min in all.\n")
     paths = {
-        "table": write_text_atomic(out / f"{stem}.md", header + table + footer),
-        "json": write_text_atomic(out / f"{stem}.json", json.dumps(results, indent=2, default=str) + "\n"),
+        "table": write_file_atomic(out / f"{stem}.md", header + table + footer),
+        "json": write_file_atomic(out / f"{stem}.json", json.dumps(results, indent=2, default=str) + "\n"),
     }
     paths["plot"] = plotter(results, out / f"{stem}.png")
     return paths

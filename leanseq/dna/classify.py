@@ -258,10 +258,11 @@ def format_table(report: dict) -> str:
 
 
 def write_report(report: dict, out: Path) -> None:
-    from leanseq.dna.report import atomic_write, roc_plot
+    from leanseq.dna.report import roc_plot
+    from leanseq.models.checkpoint import write_file_atomic
 
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "classify.json", json.dumps(report, indent=1) + "\n")
+    write_file_atomic(out / "classify.json", json.dumps(report, indent=1) + "\n")
     first = report["models"][0]["runs"][0]
     md = [f"# leanseq dna classify ({report['meta']['time_utc']})", "",
           (f"Data: {report['data']['source']}; {report['n_train']} train / {report['n_test']} test records of "
@@ -270,5 +271,5 @@ def write_report(report: dict, out: Path) -> None:
           (f"Energy: {first['energy_method']}. Wall time of the whole run: {report['wall_seconds']:.0f} s, "
            f"CPU time {report['cpu_seconds']:.0f} s "
           f"(torch {report['meta']['torch']}, {report['meta']['threads']} threads)."), ""]
-    atomic_write(out / "classify.md", "\n".join(md))
+    write_file_atomic(out / "classify.md", "\n".join(md))
     roc_plot(report, out / "classify.png")

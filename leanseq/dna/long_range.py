@@ -266,10 +266,11 @@ def format_table(report: dict) -> str:
 
 
 def write_report(report: dict, out: Path) -> None:
-    from leanseq.dna.report import atomic_write, length_plot
+    from leanseq.dna.report import length_plot
+    from leanseq.models.checkpoint import write_file_atomic
 
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "long_range.json", json.dumps(report, indent=1) + "\n")
+    write_file_atomic(out / "long_range.json", json.dumps(report, indent=1) + "\n")
     s = report["settings"]
     md = [f"# leanseq dna long-range ({report['meta']['time_utc']})", "",
           (f"Motifs: {', '.join(report['motifs'])} in GC-matched background (GC {report['background_gc']:.3f}); "
@@ -282,7 +283,7 @@ def write_report(report: dict, out: Path) -> None:
           (f"Energy: {report['energy_method']}. Wall time of the whole run: {report['wall_seconds']:.0f} s, "
            f"CPU time {report['cpu_seconds']:.0f} s "
           f"(torch {report['meta']['torch']}, {report['meta']['threads']} threads)."), ""]
-    atomic_write(out / "long_range.md", "\n".join(md))
+    write_file_atomic(out / "long_range.md", "\n".join(md))
     length_plot(report, out / "long_range.png")
 
 

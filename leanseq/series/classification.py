@@ -728,9 +728,9 @@ def plot(report: dict, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    from leanseq.stream.blob import write_atomic
+    from leanseq.models.checkpoint import write_file_atomic
 
-    write_atomic(path, buf.getvalue())
+    write_file_atomic(path, buf.getvalue())
 
 
 def _bar(b):
@@ -739,13 +739,13 @@ def _bar(b):
 
 def write_outputs(report: dict, out_dir) -> dict[str, Path]:
     """classify.md, classify.json and classify.png in out_dir, each written atomically."""
-    from leanseq.stream.blob import write_atomic
+    from leanseq.models.checkpoint import write_file_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "classify.md", "json": out / "classify.json", "plot": out / "classify.png"}
     data = {k: v for k, v in report.items() if k not in ("table", "files")}
-    write_atomic(paths["json"], (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
-    write_atomic(paths["markdown"], ("# leanseq series classify\n\n" + report["table"] + "\n").encode())
+    write_file_atomic(paths["json"], (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
+    write_file_atomic(paths["markdown"], ("# leanseq series classify\n\n" + report["table"] + "\n").encode())
     plot(report, paths["plot"])
     return paths

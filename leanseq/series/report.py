@@ -8,15 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write through a temporary file and a rename, so a reader never sees half a report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+from leanseq.models.checkpoint import write_file_atomic
 
 
 def save_figure(fig, plt, path: str | os.PathLike) -> Path:
@@ -62,6 +54,6 @@ def write_stream_report(results: dict, out: Path, stem: str, table, plot) -> dic
     meta = results["metadata"]
     footer = (f"\nRun: {meta['date_utc']}, {meta['cpu']}, {results['config']['threads']} torch thread(s), "
               f"{results['total_wall_s'] / 60:.1f} min in all.\n")
-    return {"table": write_text_atomic(out / f"{stem}.md", header + table(results) + footer),
-            "json": write_text_atomic(out / f"{stem}.json", json.dumps(results, indent=1, default=str) + "\n"),
+    return {"table": write_file_atomic(out / f"{stem}.md", header + table(results) + footer),
+            "json": write_file_atomic(out / f"{stem}.json", json.dumps(results, indent=1, default=str) + "\n"),
             "plot": plot(results, out / f"{stem}.png")}

@@ -20,12 +20,10 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
-from pathlib import Path
 
 import torch
 
-from leanseq.models.checkpoint import remove_leftovers, scratch_prefix
+from leanseq.models.checkpoint import write_file_atomic as write_atomic  # noqa: F401 - blob.write_atomic, as before
 
 MAGIC = b"LSQSTATE"
 FORMAT_VERSION = 1
@@ -275,26 +273,3 @@ def decode(model, blob: bytes, check_weights: bool = True, frozen: dict | None =
     return state, last_logits, info
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write data to path via a temporary sibling, fsync and os.replace: readers see the old file or the new one.
-
-    Temporary files that earlier writers, killed mid-save, left next to `path` are removed first (see
-    leanseq.models.checkpoint.remove_leftovers: only those whose writer is dead or that are over an hour old).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(path)
-    fd, tmp = tempfile.mkstemp(prefix=scratch_prefix(path, "tmp"), dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from leanseq.models.checkpoint import write_file_atomic
+
 DEFAULT_SOURCE = "leanseq.text.corpus:load_corpus"
 STATE_FILE = "race.json"
 TABLE_FILE = "race.md"
@@ -161,12 +163,6 @@ def run_metadata() -> dict:
             "versions": {"leanseq": leanseq.__version__, "torch": torch.__version__,
                          "python": platform.python_version()},
             "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class _Side:
@@ -319,7 +315,7 @@ def run_race(settings: RaceSettings, out_dir: str | os.PathLike, progress: bool 
         state["wall_s_this_run"] = time.perf_counter() - started
         state["metadata"] = run_metadata()
         _save_state(out, state, sides)
-        _atomic_write(out / TABLE_FILE, format_table(state))
+        write_file_atomic(out / TABLE_FILE, format_table(state))
         plot = write_plot(state, out / PLOT_FILE)
         if plot is None:
             log("plot skipped: matplotlib is not installed (pip install 'leanseq[plot]')")
@@ -372,7 +368,7 @@ def _load_state(out: Path, settings: RaceSettings) -> dict:
 def _save_state(out: Path, state: dict, sides) -> None:
     for side in sides:
         state["models"][side.name]["progress"] = side.progress
-    _atomic_write(out / STATE_FILE, json.dumps(state, indent=2) + "\n")
+    write_file_atomic(out / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
 
 def _label(state: dict, name: str) -> str:
