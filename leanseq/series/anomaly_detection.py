@@ -22,7 +22,6 @@ positive label (no score is defined): it is refused with that message.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from collections import deque
@@ -66,9 +65,7 @@ def make_inputs(values: np.ndarray) -> np.ndarray:
 
 def train_detector(normal: np.ndarray, cfg: AnomalyConfig, max_len: int, progress: bool, label: str):
     """A one-step forecaster trained on normal data only. Returns (model, (mean, std) of the normal values, info)."""
-    from tqdm.auto import tqdm
-
-    from leanseq.series.forecasting import build_model
+    from leanseq.series.forecasting import build_model, train_on_windows
 
     n = len(normal)
     if n < 32:
@@ -92,43 +89,9 @@ def train_detector(normal: np.ndarray, cfg: AnomalyConfig, max_len: int, progres
     y_val = torch.as_tensor(np.nan_to_num(targets), dtype=model.dtype)[None, :, None]
     m_val = torch.zeros(1, n, 1, dtype=torch.bool)
     m_val[0, val_start - 1:-1] = True
-    window = min(cfg.window, val_start)
-    starts = np.arange(0, max(1, val_start - window + 1))
-    rng = np.random.default_rng(cfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    def val_loss() -> float:
-        model.eval()
-        with torch.no_grad():
-            pred = model(x_all)
-        model.train()
-        return float(((pred - y_val)[m_val] ** 2).mean())
-
-    best = (val_loss(), 0, copy.deepcopy(model.state_dict()))
-    start_time = time.perf_counter()
-    model.train()
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"train {label}", leave=False, disable=not progress)
-    for step in bar:
-        picks = rng.choice(starts, size=cfg.batch_size)
-        xb = torch.stack([x_all[0, s:s + window] for s in picks])  # (B, W, 2)
-        yb = torch.stack([y_fit[s:s + window] for s in picks])  # (B, W, 1)
-        mb = torch.stack([m_fit[s:s + window] for s in picks])
-        loss = ((model(xb) - yb)[mb] ** 2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            v = val_loss()
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", val=f"{v:.3f}")
-            if v < best[0]:
-                best = (v, step, copy.deepcopy(model.state_dict()))
-            elif step - best[1] >= cfg.patience * cfg.eval_every:
-                break
-    model.load_state_dict(best[2])
-    model.eval()
-    return model, (mean, std), {"parameters": model.num_parameters(), "train_s": time.perf_counter() - start_time,
-                                "best_step": best[1], "best_val_mse": best[0]}
+    fit = train_on_windows(model, x_all, (y_fit, m_fit), (y_val, m_val), val_start, cfg, label, progress)
+    return model, (mean, std), {"parameters": model.num_parameters(), "train_s": fit["train_s"],
+                                "best_step": fit["best_step"], "best_val_mse": fit["best_val_mse"]}
 
 
 def _as_forecast_cfg(cfg: AnomalyConfig):

@@ -180,10 +180,62 @@ def train_forecaster(family: str, train: np.ndarray, season: int, cfg: ForecastC
     return _train_one(family, train, season, cfg, max_len, progress, label)
 
 
-def _train_one(family: str, train: np.ndarray, season: int, cfg: ForecastConfig, max_len: int, progress: bool,
-               label: str) -> tuple:
+def train_on_windows(model, x_all, fit, val, val_start: int, cfg, label: str, progress: bool) -> dict:
+    """Train on random windows of the training part, x_all (1, n, C), with a masked MSE against fit = (targets,
+    mask) (n, k); every `cfg.eval_every` steps score val = (targets, mask) (1, n, k) over the whole part and stop
+    after `cfg.patience` evaluations without improvement. The best weights are loaded and the model left in eval
+    mode. Returns train_s, best_step, last_step, best_val_mse and history [(step, loss, val_mse)]."""
     from tqdm.auto import tqdm
 
+    (y_fit, m_fit), (y_val, m_val) = fit, val
+    window = min(cfg.window, val_start)
+    starts = np.arange(0, max(1, val_start - window + 1))
+    rng = np.random.default_rng(cfg.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def val_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            pred = model(x_all)
+        model.train()
+        if not bool(m_val.any()):
+            return float("nan")
+        return float(((pred - y_val)[m_val] ** 2).mean())
+
+    best = (val_loss(), 0, copy.deepcopy(model.state_dict()))
+    history = []
+    model.train()
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"train {label}", leave=False, disable=not progress)
+    start_time = time.perf_counter()
+    step = 0
+    for step in bar:
+        picks = rng.choice(starts, size=cfg.batch_size)
+        xb = torch.stack([x_all[0, s:s + window] for s in picks])  # (B, W, C)
+        yb = torch.stack([y_fit[s:s + window] for s in picks])  # (B, W, k)
+        mb = torch.stack([m_fit[s:s + window] for s in picks])
+        if not bool(mb.any()):
+            continue
+        loss = ((model(xb) - yb)[mb] ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            v = val_loss()
+            history.append((step, float(loss.detach()), v))
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", val=f"{v:.3f}")
+            if v < best[0] or math.isnan(best[0]):
+                best = (v, step, copy.deepcopy(model.state_dict()))
+            elif step - best[1] >= cfg.patience * cfg.eval_every:
+                break
+    model.load_state_dict(best[2])
+    model.eval()
+    return {"train_s": time.perf_counter() - start_time, "best_step": best[1], "last_step": step,
+            "best_val_mse": best[0], "history": history}
+
+
+def _train_one(family: str, train: np.ndarray, season: int, cfg: ForecastConfig, max_len: int, progress: bool,
+               label: str) -> tuple:
     cut = len(train)
     base_season = base_season_of(cfg, season)
     inputs = make_inputs(train, season, cfg.horizon)  # (cut, C)
@@ -210,55 +262,13 @@ def _train_one(family: str, train: np.ndarray, season: int, cfg: ForecastConfig,
     m_fit = torch.as_tensor(~np.isnan(fit_targets))
     y_val = torch.as_tensor(np.nan_to_num(targets), dtype=dtype)[None]
     m_val = torch.as_tensor(val_mask)[None]
-    window = min(cfg.window, val_start)
-    starts = np.arange(0, max(1, val_start - window + 1))
-    rng = np.random.default_rng(cfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    def val_loss() -> float:
-        model.eval()
-        with torch.no_grad():
-            pred = model(x_all)
-        model.train()
-        if not bool(m_val.any()):
-            return float("nan")
-        return float(((pred - y_val)[m_val] ** 2).mean())
-
-    best = (val_loss(), 0, copy.deepcopy(model.state_dict()))
-    history = []
-    model.train()
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"train {label}", leave=False, disable=not progress)
-    start_time = time.perf_counter()
-    for step in bar:
-        picks = rng.choice(starts, size=cfg.batch_size)
-        xb = torch.stack([x_all[0, s:s + window] for s in picks])  # (B, W, C)
-        yb = torch.stack([y_fit[s:s + window] for s in picks])  # (B, W, h)
-        mb = torch.stack([m_fit[s:s + window] for s in picks])
-        if not bool(mb.any()):
-            continue
-        loss = ((model(xb) - yb)[mb] ** 2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            v = val_loss()
-            history.append((step, float(loss.detach()), v))
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", val=f"{v:.3f}")
-            if v < best[0] or math.isnan(best[0]):
-                best = (v, step, copy.deepcopy(model.state_dict()))
-            elif step - best[1] >= cfg.patience * cfg.eval_every:
-                break
-    model.load_state_dict(best[2])
-    model.eval()
+    fit = train_on_windows(model, x_all, (y_fit, m_fit), (y_val, m_val), val_start, cfg, label, progress)
     with torch.no_grad():
         pred = model(x_all)[0, :, 0].double().numpy()  # (cut,) one-step corrections, scaled
     rows = val_mask[:, 0]
     val_mae_1 = float(np.mean(np.abs(pred[rows] * scale - raw_targets[rows, 0]))) if rows.any() else float("nan")
-    info = {"family": family, "base": cfg.base, "parameters": model.num_parameters(),
-            "train_s": time.perf_counter() - start_time, "best_step": best[1], "last_step": step,
-            "best_val_mse": best[0], "val_mae_1": val_mae_1, "steps": cfg.steps, "history": history,
-            "target_scale": scale}
+    info = {"family": family, "base": cfg.base, "parameters": model.num_parameters(), **fit,
+            "val_mae_1": val_mae_1, "steps": cfg.steps, "target_scale": scale}
     return model, scale, info
 
 
