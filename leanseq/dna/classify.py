@@ -79,6 +79,7 @@ class ClassifySettings:
     max_test: int | None = None
     n_boot: int = 1000
     save_models: bool = True         # each model's seed-0 checkpoint under out_dir/models/<name>
+    cv: int = 0                      # K > 1: also K-fold cross-validation on the training records (0: none)
     specs: list[ModelSpec] = field(default_factory=default_specs)
 
     def __post_init__(self):
@@ -86,6 +87,8 @@ class ClassifySettings:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.cv == 1 or self.cv < 0:
+            raise ValueError(f"cv must be 0 (no cross-validation) or at least 2 folds, got {self.cv}")
         names = [s.name for s in self.specs]
         if len(set(names)) != len(names) or not names:
             raise ValueError(f"model names must be unique and at least one: {names}")
@@ -95,13 +98,22 @@ COORD = re.compile(r"^(?P<chrom>[^:\s]+):(?P<start>\d+)-(?P<end>\d+)")
 WINDOW_BP = 100_000
 
 
+def group_key(name: str) -> str:
+    """Records in one 100 kb window (coordinate names) share a key; any other name is its own group."""
+    m = COORD.match(name)
+    return f"{m['chrom']}:{int(m['start']) // WINDOW_BP}" if m else f"record:{name}"
+
+
+def _groups(names) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(group_key(name), []).append(i)
+    return groups
+
+
 def split_records(records, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Indices (train, test). Coordinate names -> whole 100 kb windows go to one side; else per record."""
-    groups: dict[str, list[int]] = {}
-    for i, rec in enumerate(records):
-        m = COORD.match(rec.name)
-        key = f"{m['chrom']}:{int(m['start']) // WINDOW_BP}" if m else f"record:{rec.name}"
-        groups.setdefault(key, []).append(i)
+    groups = _groups(rec.name for rec in records)
     keys = sorted(groups)
     order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
     target = max(1, round(test_fraction * len(records)))
@@ -111,6 +123,23 @@ def split_records(records, test_fraction: float, seed: int) -> tuple[list[int], 
     if not train:
         raise ValueError(f"{len(records)} records are too few to split into train and test")
     return sorted(train), sorted(test)
+
+
+def fold_of_records(names, folds: int, seed: int) -> torch.Tensor:
+    """(N,) fold number per record for K-fold cross-validation: whole 100 kb windows (or single records) go to
+    one fold, each group in a shuffled order joining the fold that holds the fewest records so far."""
+    groups = _groups(names)
+    if len(groups) < folds:
+        raise ValueError(f"{len(groups)} record groups are too few for {folds}-fold cross-validation; use fewer folds")
+    keys = sorted(groups)
+    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
+    fold = torch.empty(sum(len(g) for g in groups.values()), dtype=torch.long)
+    sizes = [0] * folds
+    for j in order:
+        k = min(range(folds), key=sizes.__getitem__)
+        fold[groups[keys[j]]] = k
+        sizes[k] += len(groups[keys[j]])
+    return fold
 
 
 def load_dataset(fasta=None, labels=None, test=None, test_labels=None, settings: ClassifySettings | None = None):
@@ -139,17 +168,18 @@ def load_dataset(fasta=None, labels=None, test=None, test_labels=None, settings:
         records, y = [records[i] for i in train_idx], y[train_idx]
         split = (f"{settings.test_fraction:.0%} of records to test, seed {settings.split_seed}, grouped by "
                  f"{WINDOW_BP // 1000} kb windows where names are coordinates")
+    names = [r.name for r in records]
     x, test_x = stack_equal_length(records), stack_equal_length(test_records)
     if x.shape[1] != test_x.shape[1]:
         raise ValueError(f"training records are {x.shape[1]} bp but test records {test_x.shape[1]} bp; use one length")
     gen = torch.Generator().manual_seed(settings.split_seed)
     if settings.max_train is not None and settings.max_train < len(y):
         keep = torch.randperm(len(y), generator=gen)[:settings.max_train]
-        x, y = x[keep], y[keep]
+        x, y, names = x[keep], y[keep], [names[i] for i in keep.tolist()]
     if settings.max_test is not None and settings.max_test < len(test_y):
         keep = torch.randperm(len(test_y), generator=gen)[:settings.max_test]
         test_x, test_y = test_x[keep], test_y[keep]
-    return {"x": x, "y": y, "test_x": test_x, "test_y": test_y, "classes": classes, "source": source,
+    return {"x": x, "y": y, "names": names, "test_x": test_x, "test_y": test_y, "classes": classes, "source": source,
             "split": split, "length": int(x.shape[1])}
 
 
@@ -193,16 +223,21 @@ def classify(fasta=None, labels=None, test=None, test_labels=None, settings: Cla
     results = []
     wall_start = time.perf_counter()
     cpu_start = time.process_time()
+
+    def train_and_test(spec, seed, x, y, test_x, test_y, desc):
+        torch.manual_seed(seed)
+        config = DNAConfig(**{**spec.config, "num_classes": n_classes, "classes": tuple(classes)})
+        model = DNAClassifier(config)
+        fitted = fit(model, x, y, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
+                     weight_decay=spec.weight_decay, seed=seed, progress=progress, desc=desc, meter=meter)
+        return model, fitted, evaluate(model, test_x, test_y, meter=meter, desc=f"{desc} test")
+
+    folds = fold_of_records(data["names"], settings.cv, settings.split_seed) if settings.cv else None
     for spec in settings.specs:
         runs = []
         for seed in range(settings.seeds):
-            torch.manual_seed(seed)
-            config = DNAConfig(**{**spec.config, "num_classes": n_classes, "classes": tuple(classes)})
-            model = DNAClassifier(config)
-            fitted = fit(model, data["x"], data["y"], epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
-                         weight_decay=spec.weight_decay, seed=seed, progress=progress,
-                         desc=f"{spec.name} seed {seed}", meter=meter)
-            scores = evaluate(model, data["test_x"], data["test_y"], meter=meter, desc=f"{spec.name} test")
+            model, fitted, scores = train_and_test(spec, seed, data["x"], data["y"], data["test_x"], data["test_y"],
+                                                   f"{spec.name} seed {seed}")
             proba = scores.pop("proba")
             runs.append({"seed": seed, "accuracy": scores["accuracy"], "roc_auc": scores["roc_auc"],
                          "train_joules": fitted.train_joules, "train_seconds": fitted.train_seconds,
@@ -213,7 +248,20 @@ def classify(fasta=None, labels=None, test=None, test_labels=None, settings: Cla
                 f"train {fitted.train_joules:.0f} J ({fitted.train_seconds:.0f} s), final loss {fitted.final_loss:.3f}")
             if seed == 0 and out is not None and settings.save_models:
                 save_classifier(model, out / "classify-models" / spec.name)
-        results.append(summarise(spec, model.num_parameters(), runs, data["test_y"], settings, n_classes))
+        summary = summarise(spec, model.num_parameters(), runs, data["test_y"], settings, n_classes)
+        if folds is not None:
+            cv_runs = []
+            for k in range(settings.cv):
+                held = folds == k
+                _, fitted, scores = train_and_test(spec, k, data["x"][~held], data["y"][~held], data["x"][held],
+                                                   data["y"][held], f"{spec.name} cv fold {k}")
+                cv_runs.append({"fold": k, "n_train": int((~held).sum()), "n_test": int(held.sum()),
+                                "accuracy": scores["accuracy"], "roc_auc": scores["roc_auc"],
+                                "final_loss": fitted.final_loss})
+                log(f"{spec.name} cv fold {k}: accuracy {scores['accuracy']:.3f}, ROC-AUC {scores['roc_auc']:.4f}")
+            summary["cv"] = {"folds": settings.cv, "roc_auc": mean_sd([r["roc_auc"] for r in cv_runs]),
+                             "accuracy": mean_sd([r["accuracy"] for r in cv_runs]), "runs": cv_runs}
+        results.append(summary)
     report = {"task": "classify", "data": {k: data[k] for k in ("source", "split", "length", "classes")},
               "n_train": len(data["y"]), "n_test": len(data["test_y"]),
               "test_labels": data["test_y"].tolist(), "seeds": settings.seeds,
@@ -225,12 +273,15 @@ def classify(fasta=None, labels=None, test=None, test_labels=None, settings: Cla
     return report
 
 
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    m = sum(values) / len(values)
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+
+
 def summarise(spec: ModelSpec, n_params: int, runs: list[dict], test_y, settings, n_classes: int) -> dict:
     def mean_std(key):
-        values = [r[key] for r in runs]
-        m = sum(values) / len(values)
-        s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-        return m, s
+        return mean_sd([r[key] for r in runs])
 
     acc, acc_sd = mean_std("accuracy")
     auc, auc_sd = mean_std("roc_auc")
@@ -254,6 +305,13 @@ def format_table(report: dict) -> str:
         lines.append(f"| {m['name']} | {m['parameters']:,} | {m['accuracy']:.3f} ± {m['accuracy_sd']:.3f} | "
                      f"{m['roc_auc']:.4f} ± {m['roc_auc_sd']:.4f} | {ci} | {m['train_joules']:.0f} | "
                      f"{m['train_seconds']:.0f} | {m['joules_per_sequence']:.4f} |")
+    cv = [m for m in report["models"] if "cv" in m]
+    if cv:
+        lines += ["", (f"{cv[0]['cv']['folds']}-fold cross-validation on the training records (whole 100 kb windows "
+                       "per fold; one run per fold):"), "",
+                  "| model | CV accuracy (mean ± sd over folds) | CV ROC-AUC (mean ± sd over folds) |", "|---|---|---|"]
+        lines += [f"| {m['name']} | {m['cv']['accuracy'][0]:.3f} ± {m['cv']['accuracy'][1]:.3f} | "
+                  f"{m['cv']['roc_auc'][0]:.4f} ± {m['cv']['roc_auc'][1]:.4f} |" for m in cv]
     return "\n".join(lines) + "\n"
 
 

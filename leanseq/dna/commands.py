@@ -32,6 +32,9 @@ def register(subparsers) -> None:
                    help="IUPAC ambiguity codes: read as N (default) or refuse the file")
     p.add_argument("--seeds", type=positive_int, default=5, help="training seeds per model (default 5)")
     p.add_argument("--models", default=None, help="comma-separated subset of the models (default: all)")
+    p.add_argument("--cv", type=int, default=0, metavar="K",
+                   help="also K-fold cross-validation on the training records, beside the test split (K >= 2; "
+                   "one run per fold and model; whole 100 kb windows per fold)")
     p.add_argument("--out", default="leanseq-out/dna", help="output folder (default leanseq-out/dna)")
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads (default 1: these small models gain little from a second thread, and a "
@@ -97,7 +100,7 @@ def _classify(args) -> int:
         if unknown:
             raise ValueError(f"unknown model(s) {unknown}; choose from {sorted(known)}")
         specs = [known[m] for m in wanted]
-    settings = ClassifySettings(seeds=args.seeds, iupac=args.iupac, specs=specs)
+    settings = ClassifySettings(seeds=args.seeds, iupac=args.iupac, specs=specs, cv=args.cv)
     if args.quick:
         settings = dataclasses.replace(settings, max_train=512, max_test=64, n_boot=100)
     fasta = _fasta_arg(args.fasta, args.labels, "fasta")

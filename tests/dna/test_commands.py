@@ -7,6 +7,7 @@ import torch
 
 from leanseq.cli import main
 from leanseq.dna import load_classifier, read_fasta
+from leanseq.dna.classify import ClassifySettings, fold_of_records, group_key
 from leanseq.dna.data import JangguDataMissingError, janggu_files
 
 
@@ -99,3 +100,47 @@ def test_prepare_checks_the_wheel_and_detects_edits(tmp_path):
     fake.write_bytes(wheel.read_bytes()[:-10])
     with pytest.raises(ValueError, match="sha256"):
         prepare(fake, tmp_path / "other")
+
+
+def test_folds_keep_windows_whole_and_are_balanced():
+    # 3 chromosomes x 40 windows, 1 to 3 records per window, plus records not named by coordinates
+    names = [f"chr{c}:{w * 100_000 + 10 * r}-{w * 100_000 + 10 * r + 200}"
+             for c in range(3) for w in range(40) for r in range(1 + (w + c) % 3)]
+    names += [f"peak{i}" for i in range(30)]
+    fold = fold_of_records(names, 5, seed=0)
+    assert fold.shape == (len(names),) and set(fold.tolist()) == set(range(5))
+    by_window: dict[str, set[int]] = {}
+    for name, k in zip(names, fold.tolist(), strict=True):
+        by_window.setdefault(group_key(name), set()).add(k)
+    assert all(len(ks) == 1 for ks in by_window.values())
+    sizes = [int((fold == k).sum()) for k in range(5)]
+    assert max(sizes) - min(sizes) <= 3  # the largest group holds 3 records
+    assert fold.tolist() == fold_of_records(names, 5, seed=0).tolist()
+    assert fold.tolist() != fold_of_records(names, 5, seed=1).tolist()
+
+
+def test_cv_settings_are_checked():
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        ClassifySettings(cv=1)
+    with pytest.raises(ValueError, match="too few for 5-fold"):
+        fold_of_records(["a", "b", "c"], 5, seed=0)
+
+
+def test_classify_cv_reports_each_fold(tmp_path, capsys):
+    pos = planted(tmp_path / "pos.fa", 80, "GGGTCACGTGACCC", 0)
+    neg = planted(tmp_path / "neg.fa", 80, None, 1, offset=1000)
+    out = tmp_path / "out"
+    code = main(["dna", "classify", "--quick", "--seeds", "1", "--models", "cnn", "--cv", "3", "--no-progress",
+                 "--fasta", f"neg={neg}", "--fasta", f"pos={pos}", "--out", str(out), "--threads", "1"])
+    assert code == 0
+    assert "3-fold cross-validation" in capsys.readouterr().out
+    report = json.loads((out / "classify.json").read_text())
+    cv = report["models"][0]["cv"]
+    assert cv["folds"] == 3 and [r["fold"] for r in cv["runs"]] == [0, 1, 2]
+    assert sum(r["n_test"] for r in cv["runs"]) == report["n_train"]
+    assert all(r["n_train"] + r["n_test"] == report["n_train"] for r in cv["runs"])
+    assert cv["roc_auc"][0] == pytest.approx(sum(r["roc_auc"] for r in cv["runs"]) / 3)
+    assert "cross-validation" in (out / "classify.md").read_text()
+    assert main(["dna", "classify", "--quick", "--cv", "1", "--fasta", f"neg={neg}", "--fasta", f"pos={pos}",
+                 "--out", str(out)]) == 1
+    assert "at least 2 folds" in capsys.readouterr().err
