@@ -36,9 +36,12 @@ def register(subparsers) -> None:
                    help="also K-fold cross-validation on the training records, beside the test split (K >= 2; "
                    "one run per fold and model; whole 100 kb windows per fold)")
     p.add_argument("--out", default="leanseq-out/dna", help="output folder (default leanseq-out/dna)")
+    p.add_argument("--jobs", type=positive_int, default=2,
+                   help="training runs at once, each in its own process (default 2, for 2 cores; 1: one after "
+                   "another in this process)")
     p.add_argument("--threads", type=positive_int, default=1,
-                   help="torch threads (default 1: these small models gain little from a second thread, and a "
-                   "second thread stalls whenever another process holds a core)")
+                   help="torch threads per training run (default 1: these small models gain little from a second "
+                   "thread, and a second thread stalls whenever another process holds a core)")
     p.add_argument("--quick", action="store_true",
                    help="seconds-long smoke run: 1 epoch, 512 training and 64 test records")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -107,7 +110,8 @@ def _classify(args) -> int:
     test = _fasta_arg(args.test, args.test_labels, "test")
     log = lambda message: print(message, file=sys.stderr)  # the table alone goes to stdout
     report = classify(fasta, args.labels, test, args.test_labels, settings, out_dir=args.out,
-                      progress=not args.no_progress, log=log, meter_kwargs=meter_kwargs_from_args(args))
+                      progress=not args.no_progress, log=log, meter_kwargs=meter_kwargs_from_args(args),
+                      jobs=args.jobs, threads=args.threads)
     print(format_table(report), end="")
     print(f"written: {Path(args.out) / 'classify.json'}, classify.md, classify.png; models in "
           f"{Path(args.out) / 'classify-models'}")

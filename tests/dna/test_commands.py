@@ -144,3 +144,18 @@ def test_classify_cv_reports_each_fold(tmp_path, capsys):
     assert main(["dna", "classify", "--quick", "--cv", "1", "--fasta", f"neg={neg}", "--fasta", f"pos={pos}",
                  "--out", str(out)]) == 1
     assert "at least 2 folds" in capsys.readouterr().err
+
+
+def test_parallel_runs_reproduce_one_at_a_time(tmp_path):
+    from leanseq.dna.classify import classify, quick_specs
+
+    pos = planted(tmp_path / "pos.fa", 60, "GGGTCACGTGACCC", 0)
+    neg = planted(tmp_path / "neg.fa", 60, None, 1, offset=1000)
+    specs = [s for s in quick_specs() if s.name in ("cnn", "mamba-ph")]
+    reports = [classify({"neg": neg, "pos": pos}, settings=ClassifySettings(seeds=2, n_boot=0, specs=specs, cv=2),
+                        out_dir=None, progress=False, log=lambda _: None, jobs=jobs, threads=1) for jobs in (1, 2)]
+    assert reports[1]["jobs"] == 2
+    for one, two in zip(reports[0]["models"], reports[1]["models"], strict=True):
+        for a, b in zip(one["runs"] + one["cv"]["runs"], two["runs"] + two["cv"]["runs"], strict=True):
+            assert a["seed"] == b["seed"] and a.get("fold") == b.get("fold")
+            assert a["losses"] == pytest.approx(b["losses"], rel=1e-5) and a["roc_auc"] == pytest.approx(b["roc_auc"])
