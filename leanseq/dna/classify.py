@@ -51,8 +51,8 @@ def default_specs() -> list[ModelSpec]:
     # filters of 16 bp, like the CNN's position weight matrices; DNAConfig.embed_width), then one block whose
     # depthwise conv spans 8 tokens. This recipe (2,293 parameters) was picked on a validation split of the
     # training records (docs/dna_classify.md), never on the test files. The transformer keeps 2-base patches.
-    # With --jobs 2 the whole run (5 seeds) takes about 6 minutes on 2 cores; classify.json keeps each run's
-    # training loss per epoch.
+    # With --jobs 2 the whole run (5 seeds) took 559 s on the shared 2-core machine; classify.json keeps each
+    # run's training loss per epoch.
     mamba = {"backbone": "mamba", "hidden_size": 12, "num_layers": 1, "state_size": 4, "patch": 1,
              "embed_width": 16, "conv_kernel": 8, "pooling": "max"}
     return [
