@@ -153,7 +153,8 @@ def test_parallel_runs_reproduce_one_at_a_time(tmp_path):
     neg = planted(tmp_path / "neg.fa", 60, None, 1, offset=1000)
     specs = [s for s in quick_specs() if s.name in ("cnn", "mamba-ph")]
     reports = [classify({"neg": neg, "pos": pos}, settings=ClassifySettings(seeds=2, n_boot=0, specs=specs, cv=2),
-                        out_dir=None, progress=False, log=lambda _: None, jobs=jobs, threads=1) for jobs in (1, 2)]
+                        out_dir=None, progress=False, log=lambda _: None, jobs=jobs, threads=1,
+                        meter_kwargs={"backend": "estimate"}) for jobs in (1, 2)]
     assert reports[1]["jobs"] == 2
     for one, two in zip(reports[0]["models"], reports[1]["models"], strict=True):
         for a, b in zip(one["runs"] + one["cv"]["runs"], two["runs"] + two["cv"]["runs"], strict=True):
