@@ -91,8 +91,27 @@ def quantize_section(quick: bool, scratch: Path, cases: list[str] | None = None)
             if record is not None:
                 report["trained"] = record  # how long, on how much text, and how good in float32
             results[key] = report
+        if len(thread_counts) > 1:
+            results[f"{name}, best thread count"] = best = best_thread_counts(
+                {t: results[f"{name}, {t} thread{'s' if t > 1 else ''}"] for t in thread_counts})
+            print("\nbest thread count of each method: " + ", ".join(
+                f"{m} {r['step_s'] * 1e3:.3f} ms ({r['threads']} thread{'s' if r['threads'] > 1 else ''}, "
+                f"{r['decode_speedup']:.2f}x)" for m, r in best["rows"].items()), flush=True)
         del model
     return results
+
+
+def best_thread_counts(reports: dict[int, dict]) -> dict:
+    """Each method's fastest decode step over the thread counts measured (1 or 2 on a 2-core machine), and its
+    speed-up over float32's fastest: what a user who picks the thread count gets."""
+    methods = next(iter(reports.values()))["rows"]
+    rows = {}
+    for method in methods:
+        threads, report = min(reports.items(), key=lambda tr: tr[1]["rows"][method]["step_s"])
+        rows[method] = {"method": method, "threads": threads, "step_s": report["rows"][method]["step_s"]}
+    for row in rows.values():
+        row["decode_speedup"] = rows["float32"]["step_s"] / row["step_s"]
+    return {"summary": "best thread count", "thread_counts": sorted(reports), "rows": rows}
 
 
 def distill_section(quick: bool, scratch: Path) -> dict:

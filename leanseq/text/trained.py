@@ -119,7 +119,10 @@ def load_or_train(recipe: TextModelRecipe, cache: str | os.PathLike | None = Non
     wanted = dataclasses.asdict(recipe)
     record = read_record(folder)
     if record is not None and record.get("recipe") == wanted and (folder / "model").is_dir():
-        return leanseq.load(folder / "model"), record
+        model = leanseq.load(folder / "model")
+        if model.num_parameters() == record.get("parameters"):
+            return model, record
+        # a model/ folder that is not the one the record describes: trained again below
     # nothing usable: train. A run/ folder left by an interrupted training of this same recipe resumes; one
     # of another recipe (or without a record of its recipe) is removed first.
     run_dir = folder / "run"
