@@ -59,7 +59,7 @@ def trained_big_model(quick: bool):
 # the quantisation cases: (--case name, model loader -> (model, record of its training or None), evaluation,
 # thread counts). Loaders run only for the cases asked for, so `--case trained-14m` trains nothing else.
 QUANTIZE_CASES = {
-    "trained-14m": (lambda quick: trained_big_model(quick), {"text": "corpus"}, (2, 1)),
+    "trained-14m": (trained_big_model, {"text": "corpus"}, (2, 1)),
     "shakespeare": (lambda quick: (leanseq.load(bundled_checkpoint("shakespeare-mamba")), None), {"text": "corpus"},
                     (2, 1)),
     "induction": (lambda quick: (leanseq.load(bundled_checkpoint("induction-mamba")), None),
@@ -189,13 +189,13 @@ def plot(folder: Path) -> Path | None:
         ax, width = axes[1], 0.2
         quantize = found["quantize"]
         cases = [k for k, v in quantize.items() if v.get("threads") == 2]
-        one_thread = [quantize.get(c.replace(", 2 threads", ", 1 thread")) for c in cases]
-        bars = (("disk_ratio", "smaller on disk", cases), ("memory_ratio", "smaller in memory", cases),
-                ("decode_speedup", "faster decode step, 2 threads", cases),
+        two_threads = [quantize[c] for c in cases]
+        one_thread = [quantize.get(c.replace(", 2 threads", ", 1 thread")) for c in cases]  # None: not measured
+        bars = (("disk_ratio", "smaller on disk", two_threads), ("memory_ratio", "smaller in memory", two_threads),
+                ("decode_speedup", "faster decode step, 2 threads", two_threads),
                 ("decode_speedup", "faster decode step, 1 thread", one_thread))
         for i, (key, label, reports) in enumerate(bars):
-            values = [float("nan") if r is None else (quantize[r] if isinstance(r, str) else r)["rows"]["int8"].get(key, 0)
-                      for r in reports]
+            values = [float("nan") if r is None else r["rows"]["int8"].get(key, 0) for r in reports]
             ax.bar([x + (i - 1.5) * width for x in range(len(cases))], values, width, label=label,
                    hatch="//" if "1 thread" in label else None)
         ax.set_xticks(range(len(cases)), [c.split(" (")[0].replace("shakespeare-", "shakespeare-\n") for c in cases],
