@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import random
 import shutil
 import tempfile
@@ -194,8 +195,10 @@ def plot(folder: Path) -> Path | None:
         bars = (("disk_ratio", "smaller on disk", two_threads), ("memory_ratio", "smaller in memory", two_threads),
                 ("decode_speedup", "faster decode step, 2 threads", two_threads),
                 ("decode_speedup", "faster decode step, 1 thread", one_thread))
+        top = 0.0
         for i, (key, label, reports) in enumerate(bars):
             values = [float("nan") if r is None else r["rows"]["int8"].get(key, 0) for r in reports]
+            top = max([top, *(v for v in values if not math.isnan(v))])
             ax.bar([x + (i - 1.5) * width for x in range(len(cases))], values, width, label=label,
                    hatch="//" if "1 thread" in label else None)
         ax.set_xticks(range(len(cases)), [c.split(" (")[0].replace("shakespeare-", "shakespeare-\n") for c in cases],
@@ -203,7 +206,8 @@ def plot(folder: Path) -> Path | None:
         ax.axhline(1, color="black", lw=0.8)
         ax.set_ylabel("int8 / float32 (x)")
         ax.set_title("int8 against float32, each case in one run")
-        ax.legend(fontsize=8)
+        ax.set_ylim(0, top * 1.3)  # room for the legend above the bars
+        ax.legend(fontsize=8, ncol=2, loc="upper left")
     fig.tight_layout()
     out = folder / "post_training.png"
     fig.savefig(out, dpi=110)
