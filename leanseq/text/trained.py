@@ -11,7 +11,8 @@ $LEANSEQ_CACHE/models/<name> (default ~/.cache/leanseq/models/<name>); later cal
     model, record = load_or_train(SHAKESPEARE_14M)   # record: steps, tokens seen, wall seconds, bits/byte
 
 The folder holds `model/` (a leanseq checkpoint with the byte tokenizer, so `leanseq generate -m` works),
-`run/` (the Trainer's checkpoint and metrics.jsonl: an interrupted training resumes from its last checkpoint)
+`run/` (the Trainer's metrics.jsonl, and its checkpoint until the training completes: an interrupted training
+resumes from its last checkpoint)
 and `trained.json`, written last, which records the recipe it was trained with. A folder whose recipe differs
 from the one asked for is trained again from scratch. It is a small model trained for minutes, not a good
 language model: `record["eval_bits_per_byte"]` says how good.
@@ -163,4 +164,5 @@ def load_or_train(recipe: TextModelRecipe, cache: str | os.PathLike | None = Non
         "eval_bytes": recipe.eval_batches * recipe.eval_batch_size * recipe.seq_len,
     }
     write_file_atomic(folder / RECORD_FILE, json.dumps(record, indent=2) + "\n")  # last: marks the folder complete
+    (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # optimizer state, 3x the weights: only a resume needs it
     return leanseq.load(folder / "model"), record

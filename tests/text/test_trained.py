@@ -41,6 +41,8 @@ def test_trains_once_then_loads_the_same_weights_from_the_cache(text_folder, tmp
     assert record["steps"] == 4 and record["tokens"] == 4 * 2 * 16 == recipe.tokens
     assert record["parameters"] == model.num_parameters() and record["resumed_at_step"] == 0
     assert record["eval_bits_per_byte"] > 0 and record["train_seconds"] > 0
+    assert (cache / "tiny" / "run" / "metrics.jsonl").is_file()
+    assert not (cache / "tiny" / "run" / "checkpoint.pt").exists()  # optimizer state dropped once complete
     first = weights(model)
 
     def no_training(*args, **kwargs):
