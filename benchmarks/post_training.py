@@ -3,8 +3,14 @@ accuracy against float32), distillation (teacher vs student alone vs distilled s
 
     python benchmarks/post_training.py                 # everything (about 15-20 minutes on a shared 2-core machine)
     python benchmarks/post_training.py --only quantize # or distill, lora
+    python benchmarks/post_training.py --train-only    # train (once, cached) the 14M-parameter model int8 is timed on
+    python benchmarks/post_training.py --only quantize --case trained-14m --case shakespeare   # some cases only
     python benchmarks/post_training.py --quick         # small settings, to check the script runs
     python benchmarks/post_training.py --plot-only     # redraw docs/post_training.png from the JSON files
+
+The quantize section's trained-14m case needs a 13.6M-parameter Mamba trained on the Shakespeare corpus
+(leanseq.text.trained): the first run trains it (150 steps; about 5 minutes on 2 free cores, longer on a busy
+machine) and caches it under ~/.cache/leanseq/models; train it with --train-only, niced, before a timed run.
 
 Every ratio is against a peer measured in the same run (int8 and dynamic against float32; the distilled student
 against the teacher and the student trained alone on the same budget). Writes docs/post_training.json (or
@@ -14,7 +20,9 @@ against the teacher and the student trained alone on the same budget). Writes do
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import random
 import shutil
 import tempfile
@@ -29,21 +37,52 @@ from leanseq.models.commands import bundled_checkpoint
 from leanseq.post import distill as distill_mod
 from leanseq.post import quantize as quant_mod
 from leanseq.tasks import get_task
+from leanseq.text.trained import SHAKESPEARE_14M, load_or_train
 from leanseq.train import TrainSection
 
 MAMBA_130M = "mamba:hidden_size=768,num_hidden_layers=24,vocab_size=50280"
 
 
-def quantize_section(quick: bool, scratch: Path) -> dict:
+def trained_big_model(quick: bool):
+    """The trained model too big for the CPU cache (leanseq.text.trained): trained on first use (minutes, with a
+    progress bar) and cached under ~/.cache/leanseq/models. --quick trains a tiny stand-in for 3 steps instead."""
+    recipe = SHAKESPEARE_14M
+    if quick:
+        recipe = dataclasses.replace(recipe, name="shakespeare-mamba-quick", hidden_size=64, steps=3,
+                                     eval_batches=1, checkpoint_interval=0)
+    model, record = load_or_train(recipe, threads=2)
+    print(f"{recipe.name}: {record['parameters']:,} parameters, {record['steps']} steps x {recipe.batch_size} x "
+          f"{recipe.seq_len} bytes ({record['tokens']:,} bytes), trained in {record['train_seconds']:.0f} s on "
+          f"{record['threads']} threads; validation {record['eval_bits_per_byte']:.3f} bits/byte", flush=True)
+    return model, record
+
+
+# the quantisation cases: (--case name, model loader -> (model, record of its training or None), evaluation,
+# thread counts). Loaders run only for the cases asked for, so `--case trained-14m` trains nothing else.
+QUANTIZE_CASES = {
+    "trained-14m": (trained_big_model, {"text": "corpus"}, (2, 1)),
+    "shakespeare": (lambda quick: (leanseq.load(bundled_checkpoint("shakespeare-mamba")), None), {"text": "corpus"},
+                    (2, 1)),
+    "induction": (lambda quick: (leanseq.load(bundled_checkpoint("induction-mamba")), None),
+                  {"task": "induction_heads"}, (2, 1)),
+    "130m": (lambda quick: (build_from_spec(MAMBA_130M), None), {}, (2,)),
+}
+CASE_TITLES = {
+    "trained-14m": "{name} (trained, bits/byte on the corpus validation split)",
+    "shakespeare": "shakespeare-mamba (trained, bits/byte on the corpus validation split)",
+    "induction": "induction-mamba (trained, induction-heads accuracy)",
+    "130m": "Mamba 130m shape (random weights)",
+}
+
+
+def quantize_section(quick: bool, scratch: Path, cases: list[str] | None = None) -> dict:
     results = {}
-    cases = [
-        ("shakespeare-mamba (trained, bits/byte on the corpus validation split)",
-         leanseq.load(bundled_checkpoint("shakespeare-mamba")), {"text": "corpus"}, (2, 1)),
-        ("induction-mamba (trained, induction-heads accuracy)", leanseq.load(bundled_checkpoint("induction-mamba")),
-         {"task": get_task("induction_heads", seq_len=256)}, (2, 1)),
-        ("Mamba 130m shape (random weights)", build_from_spec(MAMBA_130M), {}, (2,)),
-    ]
-    for name, model, evaluation, thread_counts in cases:
+    for case in cases or list(QUANTIZE_CASES):
+        load, evaluation, thread_counts = QUANTIZE_CASES[case]
+        model, record = load(quick)
+        name = CASE_TITLES[case].format(name=record["recipe"]["name"] if record else case)
+        if "task" in evaluation:
+            evaluation = {"task": get_task(evaluation["task"], seq_len=256)}
         big = model.num_parameters() > 10**8  # the dynamic model's eager step takes seconds there: fewer steps
         for threads in thread_counts:
             settings = quant_mod.QuantizeSettings(
@@ -54,9 +93,30 @@ def quantize_section(quick: bool, scratch: Path) -> dict:
             shutil.rmtree(scratch / "int8", ignore_errors=True)
             key = f"{name}, {threads} thread{'s' if threads > 1 else ''}"
             print(f"\n## {key} ({time.perf_counter() - start:.0f} s)\n\n{quant_mod.format_report(report)}", flush=True)
+            if record is not None:
+                report["trained"] = record  # how long, on how much text, and how good in float32
             results[key] = report
+        if len(thread_counts) > 1:
+            results[f"{name}, best thread count"] = best = best_thread_counts(
+                {t: results[f"{name}, {t} thread{'s' if t > 1 else ''}"] for t in thread_counts})
+            print("\nbest thread count of each method: " + ", ".join(
+                f"{m} {r['step_s'] * 1e3:.3f} ms ({r['threads']} thread{'s' if r['threads'] > 1 else ''}, "
+                f"{r['decode_speedup']:.2f}x)" for m, r in best["rows"].items()), flush=True)
         del model
     return results
+
+
+def best_thread_counts(reports: dict[int, dict]) -> dict:
+    """Each method's fastest decode step over the thread counts measured (1 or 2 on a 2-core machine), and its
+    speed-up over float32's fastest: what a user who picks the thread count gets."""
+    methods = next(iter(reports.values()))["rows"]
+    rows = {}
+    for method in methods:
+        threads, report = min(reports.items(), key=lambda tr: tr[1]["rows"][method]["step_s"])
+        rows[method] = {"method": method, "threads": threads, "step_s": report["rows"][method]["step_s"]}
+    for row in rows.values():
+        row["decode_speedup"] = rows["float32"]["step_s"] / row["step_s"]
+    return {"summary": "best thread count", "thread_counts": sorted(reports), "rows": rows}
 
 
 def distill_section(quick: bool, scratch: Path) -> dict:
@@ -127,18 +187,27 @@ def plot(folder: Path) -> Path | None:
         ax.set_title("Distillation: student with 1/5 of the teacher's parameters")
         ax.legend(fontsize=8, loc="lower right")
     if "quantize" in found:
-        ax, width = axes[1], 0.25
-        cases = [k for k, v in found["quantize"].items() if v.get("threads") == 2]
-        metrics = (("disk_ratio", "smaller on disk"), ("memory_ratio", "smaller in memory"),
-                   ("decode_speedup", "faster decode step"))
-        for i, (key, label) in enumerate(metrics):
-            values = [found["quantize"][c]["rows"]["int8"].get(key, 0) for c in cases]
-            ax.bar([x + (i - 1) * width for x in range(len(cases))], values, width, label=label)
-        ax.set_xticks(range(len(cases)), [c.split(" (")[0] for c in cases], fontsize=8)
+        ax, width = axes[1], 0.2
+        quantize = found["quantize"]
+        cases = [k for k, v in quantize.items() if v.get("threads") == 2]
+        two_threads = [quantize[c] for c in cases]
+        one_thread = [quantize.get(c.replace(", 2 threads", ", 1 thread")) for c in cases]  # None: not measured
+        bars = (("disk_ratio", "smaller on disk", two_threads), ("memory_ratio", "smaller in memory", two_threads),
+                ("decode_speedup", "faster decode step, 2 threads", two_threads),
+                ("decode_speedup", "faster decode step, 1 thread", one_thread))
+        top = 0.0
+        for i, (key, label, reports) in enumerate(bars):
+            values = [float("nan") if r is None else r["rows"]["int8"].get(key, 0) for r in reports]
+            top = max([top, *(v for v in values if not math.isnan(v))])
+            ax.bar([x + (i - 1.5) * width for x in range(len(cases))], values, width, label=label,
+                   hatch="//" if "1 thread" in label else None)
+        ax.set_xticks(range(len(cases)), [c.split(" (")[0].replace("shakespeare-", "shakespeare-\n") for c in cases],
+                      fontsize=8)
         ax.axhline(1, color="black", lw=0.8)
         ax.set_ylabel("int8 / float32 (x)")
-        ax.set_title("int8 against float32, 2 threads, same run")
-        ax.legend(fontsize=8)
+        ax.set_title("int8 against float32, each case in one run")
+        ax.set_ylim(0, top * 1.3)  # room for the legend above the bars
+        ax.legend(fontsize=8, ncol=2, loc="upper left")
     fig.tight_layout()
     out = folder / "post_training.png"
     fig.savefig(out, dpi=110)
@@ -150,18 +219,33 @@ def main() -> int:
     parser.add_argument("--only", choices=("quantize", "distill", "lora"), action="append")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="docs/post_training.json")
+    parser.add_argument("--case", choices=list(QUANTIZE_CASES), action="append",
+                        help="quantisation cases to measure (default: all); their rows replace the same rows of an "
+                             "existing --out file, the others are kept")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train (or find cached) the trained-14m model and stop: run it niced, before a locked "
+                             "measurement")
     parser.add_argument("--plot-only", action="store_true")
     args = parser.parse_args()
     if args.plot_only:
         print(f"wrote {plot(Path(args.out).parent)}")
+        return 0
+    if args.train_only:
+        trained_big_model(args.quick)
         return 0
     sections = args.only or ["lora", "quantize", "distill"]
     results = {"torch": torch.__version__, "quick": args.quick}
     with tempfile.TemporaryDirectory(prefix="leanseq-post-") as tmp:
         for name in sections:
             torch.set_num_threads(1 if name != "quantize" else torch.get_num_threads())
-            results[name] = globals()[f"{name}_section"](args.quick, Path(tmp))
-    Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
+            extra = {"cases": args.case} if name == "quantize" else {}
+            results[name] = globals()[f"{name}_section"](args.quick, Path(tmp), **extra)
+    out = Path(args.out)
+    if args.case and out.is_file():  # a subset of the cases: keep the other cases' rows of the earlier run
+        earlier = json.loads(out.read_text())
+        results["quantize"] = {**earlier.get("quantize", {}), **results["quantize"]}
+        results = {**earlier, **results}
+    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"\nwrote {args.out}")
     figure = plot(Path(args.out).parent)
     if figure is not None:
