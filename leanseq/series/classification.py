@@ -438,7 +438,7 @@ def _cut_positions(lengths: torch.Tensor, fractions) -> torch.Tensor:
 
 
 def bank_features(bank, series: list[np.ndarray], fractions=(1.0,), budget: int = 8_000_000) -> np.ndarray:
-    """Pooled features of each series read at each fraction of its length, from one pass -> (N, P, 3W).
+    """Pooled features of each series read at each fraction of its length, from one pass -> (N, P, 4W).
     Batches hold about `budget` (series x steps x channels) numbers; padding sits after a row's end, never read."""
     out = []
     longest = max(len(s) for s in series)
@@ -459,16 +459,17 @@ def fit_scanbank(ds: Dataset, settings: ClassifySettings, seed: int):
                             timescale=max(len(s) for s in ds.x_train))
     bank = ScanBank(config, seed=seed).fit(ds.x_train, seed=seed)
     fractions = (1.0, *settings.readout_cuts)
-    feats = bank_features(bank, ds.x_train, fractions)  # (N, P, 3W)
+    feats = bank_features(bank, ds.x_train, fractions)  # (N, P, 4W)
     labels = np.searchsorted(classes, ds.y_train)
     model = ScanBankClassifier(bank, len(classes))
-    alpha = model.fit_head(feats, labels, seed=seed)
-    return model, {"ridge_alpha": alpha, "width": config.width, "timescale": config.timescale}
+    head = model.fit_head(feats, labels, seed=seed)
+    return model, {"ridge_alpha": head["alpha"], "pools": head["pools"], "cv_accuracy": head["cv_accuracy"],
+                   "width": config.width, "timescale": config.timescale}
 
 
 def predict_scanbank(model, series: list[np.ndarray], fractions=ANYTIME_FRACTIONS) -> dict:
     """One pass per test series -> predicted class indices at the full length and at each fraction."""
-    feats = torch.from_numpy(bank_features(model.bank, series, (1.0, *fractions)))  # (N, 1 + F, 3W)
+    feats = torch.from_numpy(bank_features(model.bank, series, (1.0, *fractions)))  # (N, 1 + F, 4W)
     with torch.no_grad():
         pred = model.head(feats).argmax(-1).numpy()  # (N, 1 + F)
     return {"full": pred[:, 0], **{f: pred[:, 1 + i] for i, f in enumerate(fractions)}}

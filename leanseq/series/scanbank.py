@@ -2,7 +2,7 @@
 
     bank = ScanBank(ScanBankConfig(channels=1, timescale=150), seed=0)
     bank.fit(train_series)                                # normaliser + PPV thresholds (unsupervised)
-    feats = bank(values)                                  # (B, L, C) -> (B, 3W): pooled features at the end
+    feats = bank(values)                                  # (B, L, C) -> (B, 4W): pooled features at the end
     feats, state = bank(values, return_state=True)        # chunks: pass the state on, same as one pass
     feats_t, state = bank.step(values[:, t], state)       # one observation at a time
 
@@ -41,17 +41,22 @@ from leanseq.ops import causal_conv1d, causal_conv1d_step, selective_scan_chunke
 from leanseq.series.encoder import _as_values
 
 RIDGE_PENALTIES = tuple(np.logspace(-3, 6, 19))  # on standardised features; chosen per dataset by CV on train
+# Feature blocks, W each, in this order: running max, running mean, running PPV, and the current response y_t
+POOLS = ("max", "mean", "ppv", "last")
+# The readouts cross-validation chooses from per dataset (the first wins ties): shape statistics for series whose
+# class shows in what happens; the recency-weighted responses y_t (the exponential decays remember when) for
+# series whose class shows in when it happens
+POOL_CHOICES = (("max", "mean", "ppv"), ("ppv",), ("last",), POOLS)
 
 
 @dataclasses.dataclass
 class ScanBankConfig:
     channels: int = 1  # input channels of the series
-    width: int = 4096  # scan channels W; features = 3 W (max, mean, PPV)
+    width: int = 4096  # scan channels W; features = 4 W (see POOLS)
     group_width: int = 32  # channels sharing one random B and C
     state_size: int = 4  # N per channel; A = -(1..N) (S4D-real), so each channel mixes N decays
     conv_kernel: int = 9
     timescale: int = 256  # the longest memory drawn, in steps (the classifier sets it to the longest train series)
-    read_last: bool = False  # also read each channel's current response y_t (a fourth block of W features)
 
     def check(self) -> None:
         for name in ("channels", "width", "group_width", "state_size", "conv_kernel", "timescale"):  # ints >= 1
@@ -115,7 +120,7 @@ class ScanBank(nn.Module):
 
     @property
     def num_features(self) -> int:
-        return (4 if self.config.read_last else 3) * self.config.width
+        return len(POOLS) * self.config.width
 
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers())
@@ -211,8 +216,8 @@ class ScanBank(nn.Module):
 
     @torch.no_grad()
     def forward(self, values, state: ScanBankState | None = None, return_state: bool = False, read_at=None):
-        """values (B, L, C) -> pooled features (B, 3W) after the last observation, or at positions
-        read_at (B, P) (0-based, each < L) -> (B, P, 3W); with return_state=True also the state after all L
+        """values (B, L, C) -> pooled features (B, 4W) after the last observation, or at positions
+        read_at (B, P) (0-based, each < L) -> (B, P, 4W); with return_state=True also the state after all L
         observations (feed equal-length chunks; a padded row's state would include its padding)."""
         values = _as_values(values, self.config.channels, 3, "values", torch.float32, torch.device("cpu"))
         b = values.shape[0]
@@ -234,7 +239,7 @@ class ScanBank(nn.Module):
         idx = at[:, :, None].expand(-1, -1, y.shape[2])
         n = count.gather(1, at)[:, :, None].float()
         pools = [peak.gather(1, idx), total.gather(1, idx) / n, positive.gather(1, idx) / n]
-        feats = torch.cat([*pools, y.gather(1, idx)] if self.config.read_last else pools, dim=-1)
+        feats = torch.cat([*pools, y.gather(1, idx)], dim=-1)  # the order of POOLS
         feats = feats[:, 0] if read_at is None else feats
         if not return_state:
             return feats
@@ -243,7 +248,7 @@ class ScanBank(nn.Module):
 
     @torch.no_grad()
     def step(self, values_t, state: ScanBankState) -> tuple[torch.Tensor, ScanBankState]:
-        """One observation per row (B, C) -> (pooled features (B, 3W) after it, the new state); pure."""
+        """One observation per row (B, C) -> (pooled features (B, 4W) after it, the new state); pure."""
         values_t = _as_values(values_t, self.config.channels, 2, "values_t", torch.float32, torch.device("cpu"))
         b = values_t.shape[0]
         self.check_state(state, b)
@@ -259,7 +264,7 @@ class ScanBank(nn.Module):
                             state.positive + (y > self.threshold).float())
         n = count[:, None].float()
         pools = [new.peak, new.total / n, new.positive / n]
-        return torch.cat([*pools, y] if self.config.read_last else pools, dim=-1), new
+        return torch.cat([*pools, y], dim=-1), new
 
 
 class ScanBankClassifier(nn.Module):
@@ -283,60 +288,74 @@ class ScanBankClassifier(nn.Module):
         feats, state = self.bank.step(values_t, state)
         return self.head(feats), state
 
-    def fit_head(self, feats: np.ndarray, labels: np.ndarray, alphas=RIDGE_PENALTIES, folds: int = 5,
-                 seed: int = 0) -> float:
-        """Ridge regression of +-1 one-hot labels on standardised features; feats (N, P, F) holds each train
-        series read at P cuts (index 0: its full length), labels (N,) class indices. The penalty is chosen by
-        k-fold cross-validation over series (all cuts of a series fall in the same fold, so nothing of a
-        held-out series is seen), scored by full-length accuracy (ties: the larger penalty), then the head is
-        refitted on every row. Standardisation is folded into the Linear head. Returns the chosen penalty."""
+    def fit_head(self, feats: np.ndarray, labels: np.ndarray, alphas=RIDGE_PENALTIES, choices=POOL_CHOICES,
+                 folds: int = 5, repeats: int = 3, seed: int = 0) -> dict:
+        """Ridge regression of +-1 one-hot labels on standardised features. feats (N, P, 4W) holds each train
+        series read at P cuts (index 0: its full length), labels (N,) its class index. Which feature blocks
+        (one of `choices`, see POOLS) and which penalty are chosen by k-fold cross-validation over series,
+        repeated with `repeats` shuffles (all cuts of a series in the same fold: nothing of a held-out series is
+        seen), scored by full-length accuracy (ties: the earlier choice, then the larger penalty); then the head
+        is refitted on every row,
+        with zero weight on the blocks not chosen. Standardisation is folded into the Linear head.
+        Returns {"alpha": penalty, "pools": the chosen blocks, "cv_accuracy": % of train series}."""
         n, cuts, width = feats.shape
-        k = self.head.out_features
+        k, w = self.head.out_features, self.bank.config.width
         flat = feats.reshape(n * cuts, width).astype(np.float64)
         mean, std = flat.mean(0), flat.std(0) + 1e-6
-        x = ((feats - mean) / std).astype(np.float64)  # (N, P, F)
+        x = ((feats - mean) / std).astype(np.float32)  # (N, P, F); Gram matrices in float32, solves in float64
         target = -np.ones((n, k))
         target[np.arange(n), labels] = 1.0
-        target_rows = np.repeat(target[:, None, :], cuts, axis=1)  # (N, P, K): every cut of a series, its label
-        counts = np.bincount(labels, minlength=k)
-        splits = min(folds, int(counts[counts > 0].min()))
-        if splits >= 2:
-            from sklearn.model_selection import StratifiedKFold
-
-            folds_iter = StratifiedKFold(splits, shuffle=True, random_state=seed).split(np.zeros(n), labels)
-        else:  # a class with one train series: plain k-fold
-            from sklearn.model_selection import KFold
-
-            folds_iter = KFold(min(folds, n), shuffle=True, random_state=seed).split(np.zeros(n))
-        correct = np.zeros(len(alphas))
-        for train, held in folds_iter:
-            dual_for, offset = _ridge_dual(x[train].reshape(-1, width), target_rows[train].reshape(-1, k))
-            cross = (x[held, 0] - offset[0]) @ offset[2].T  # (held, rows): held-out full-length rows vs train rows
-            for a, alpha in enumerate(alphas):
-                scores = cross @ dual_for(alpha) + offset[1]
-                correct[a] += (scores.argmax(1) == labels[held]).sum()
+        block = {name: slice(i * w, (i + 1) * w) for i, name in enumerate(POOLS)}
         alphas = np.asarray(alphas, dtype=np.float64)
-        best = max(range(len(alphas)), key=lambda a: (correct[a], alphas[a]))
-        alpha = float(alphas[best])
-        dual_for, (x_mean, y_mean, rows) = _ridge_dual(x.reshape(-1, width), target_rows.reshape(-1, k))
-        coef = (rows.T @ dual_for(alpha)).T  # (K, F)
-        intercept = y_mean - coef @ x_mean
-        weight = coef / std  # ((x - mean) / std) @ coef.T + b == x @ (coef / std).T + (b - (coef / std) @ mean)
+        correct = np.zeros((len(choices), len(alphas)))
+        for train, held in (f for r in range(repeats) for f in _folds(labels, folds, seed + 1000 * r)):
+            rows = x[train].reshape(-1, width)
+            rows_mean = rows.mean(0)
+            rows = rows - rows_mean
+            held_rows = x[held, 0] - rows_mean
+            y_rows = np.repeat(target[train], cuts, axis=0)
+            grams = {b: (rows[:, block[b]] @ rows[:, block[b]].T).astype(np.float64) for b in POOLS}  # summed per choice
+            cross = {b: (held_rows[:, block[b]] @ rows[:, block[b]].T).astype(np.float64) for b in POOLS}
+            for c, choice in enumerate(choices):
+                dual_for = _ridge_dual(sum(grams[b] for b in choice), y_rows)
+                cross_c = sum(cross[b] for b in choice)
+                for a, alpha in enumerate(alphas):
+                    scores = cross_c @ dual_for(alpha) + y_rows.mean(0)
+                    correct[c, a] += (scores.argmax(1) == labels[held]).sum()
+        c, a = max(np.ndindex(*correct.shape), key=lambda ca: (correct[ca], -ca[0], alphas[ca[1]]))
+        cols = np.concatenate([np.arange(width)[block[b]] for b in choices[c]])
+        rows = x.reshape(-1, width)[:, cols]
+        rows_mean = rows.mean(0)
+        rows = rows - rows_mean
+        y_rows = np.repeat(target, cuts, axis=0)  # coef below: (K, F chosen)
+        coef = (rows.T.astype(np.float64) @ _ridge_dual((rows @ rows.T).astype(np.float64), y_rows)(alphas[a])).T
+        weight = np.zeros((k, width))
+        weight[:, cols] = coef / std[cols]  # ((x - m) / s) @ coef.T == x @ (coef / s).T - (coef / s) @ m
+        bias = y_rows.mean(0) - coef @ rows_mean - weight @ mean
         with torch.no_grad():
             self.head.weight.copy_(torch.from_numpy(weight).float())
-            self.head.bias.copy_(torch.from_numpy(intercept - weight @ mean).float())
-        return alpha
+            self.head.bias.copy_(torch.from_numpy(bias).float())
+        return {"alpha": float(alphas[a]), "pools": list(choices[c]), "cv_accuracy": float(100 * correct[c, a] / (n * repeats))}
 
 
-def _ridge_dual(x: np.ndarray, y: np.ndarray):
-    """Ridge with an intercept through the (rows x rows) Gram matrix, one eigendecomposition for every penalty:
-    x (R, F), y (R, K) -> (alpha -> dual coefficients (R, K), (x mean, y mean, centred x))."""
-    x_mean, y_mean = x.mean(0), y.mean(0)
-    xc, yc = x - x_mean, y - y_mean
-    eigval, eigvec = np.linalg.eigh(xc @ xc.T)
-    projected = eigvec.T @ yc
+def _folds(labels: np.ndarray, folds: int, seed: int):
+    """Stratified k-fold over series (plain k-fold when a class has a single train series)."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    counts = np.bincount(labels)
+    splits = min(folds, int(counts[counts > 0].min()))
+    if splits >= 2:
+        return StratifiedKFold(splits, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels)
+    return KFold(min(folds, len(labels)), shuffle=True, random_state=seed).split(np.zeros(len(labels)))
+
+
+def _ridge_dual(gram: np.ndarray, y: np.ndarray):
+    """Ridge through the (rows x rows) Gram matrix of centred features, one eigendecomposition for every penalty:
+    -> alpha -> dual coefficients (rows, K) of the centred labels (the feature weights are x_centred.T @ dual)."""
+    eigval, eigvec = np.linalg.eigh(gram)
+    projected = eigvec.T @ (y - y.mean(0))
 
     def dual_for(alpha: float) -> np.ndarray:
         return eigvec @ (projected / (np.clip(eigval, 0, None) + alpha)[:, None])
 
-    return dual_for, (x_mean, y_mean, xc)
+    return dual_for

@@ -64,7 +64,7 @@ def test_nothing_is_trained_and_the_seed_fixes_the_bank():
     flat = np.concatenate(train)
     torch.testing.assert_close(a.value_mean, torch.from_numpy(flat.mean(0)).float())
     assert (a.threshold != 0).all()
-    ppv = a(x)[0, 2 * a.config.width:]
+    ppv = a(x)[0, 2 * a.config.width : 3 * a.config.width]
     assert ((ppv >= 0) & (ppv <= 1)).all()
 
 
@@ -93,8 +93,8 @@ def test_ridge_head_learns_and_classifier_streams():
     model = ScanBankClassifier(bank, 2)
     x = torch.from_numpy(np.stack(series)).float()
     feats = bank(x[:30], read_at=torch.tensor([[23, 11]] * 30)).numpy()  # full length and 50%
-    alpha = model.fit_head(feats, labels[:30])
-    assert alpha > 0
+    head = model.fit_head(feats, labels[:30])
+    assert head["alpha"] > 0 and head["pools"] and head["cv_accuracy"] >= 80
     assert (model(x[30:]).argmax(-1).numpy() == labels[30:]).mean() >= 0.9
     state = model.init_state(10)
     for t in range(24):
