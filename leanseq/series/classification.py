@@ -70,7 +70,8 @@ PUBLISHED = {
 
 @dataclasses.dataclass
 class ClassifySettings:
-    """The recipe, the same for every dataset (no per-dataset tuning, none on test data)."""
+    """The recipe, the same for every dataset; the only per-dataset choices (the scan bank's readout and ridge
+    penalty, the trained head's penalty) are made by cross-validation on the train split, none on test data."""
 
     method: str = "scanbank"  # scanbank: untrained scan bank + ridge head; trained: a small SSM trained by AdamW
     bank_width: int = 4096  # scanbank: scan channels (3 features each: running max, mean, PPV)
