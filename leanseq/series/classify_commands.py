@@ -1,4 +1,4 @@
-"""`leanseq series classify DATASET...`: our model against aeon's MiniRocket and ROCKET on aeon's bundled sets."""
+"""`leanseq series classify DATASET...`: our scan bank (or a trained SSM) against aeon's MiniRocket and ROCKET on aeon's bundled sets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from leanseq.argtypes import positive_float, positive_int
 
 def add_subcommand(series_sub) -> None:
     from leanseq.energy import add_cli_arguments
-    from leanseq.series.classification import DEFAULT_DATASETS, ClassifySettings
+    from leanseq.series.classification import DEFAULT_DATASETS, METHODS, ClassifySettings
 
     d = ClassifySettings()
     p = series_sub.add_parser(
@@ -24,8 +24,14 @@ def add_subcommand(series_sub) -> None:
                    "time step; trailing empty cells = a shorter series)")
     p.add_argument("--target", help="the CSV column holding each series' class")
     p.add_argument("--test-csv", help="a separate test CSV (same columns); default: a stratified 30%% hold-out")
+    p.add_argument("--method", choices=METHODS, default=d.method,
+                   help="scanbank (default): a wide bank of untrained selective-scan channels pooled causally, "
+                   "a ridge head fitted in closed form; trained: a small SSM trained by AdamW (--family, "
+                   "--hidden-size, --num-layers, --epochs, --lr apply to it)")
+    p.add_argument("--bank-width", type=positive_int, default=d.bank_width,
+                   help=f"scanbank: scan channels, 3 features each (default {d.bank_width})")
     p.add_argument("--family", choices=("mamba", "mamba2", "transformer"), default=d.family,
-                   help=f"backbone (default {d.family})")
+                   help=f"trained: backbone (default {d.family})")
     p.add_argument("--hidden-size", type=positive_int, default=d.hidden_size)
     p.add_argument("--num-layers", type=positive_int, default=d.num_layers)
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"at most (default {d.epochs})")
@@ -47,7 +53,7 @@ def run(args) -> int:
         raise ValueError("give either dataset names or --csv, not both")
     if (args.target or args.test_csv) and not args.csv:
         raise ValueError("--target and --test-csv go with --csv")
-    settings = ClassifySettings(family=args.family, hidden_size=args.hidden_size, num_layers=args.num_layers,
+    settings = ClassifySettings(method=args.method, bank_width=args.bank_width, family=args.family, hidden_size=args.hidden_size, num_layers=args.num_layers,
                                 epochs=args.epochs, lr=args.lr, seeds=tuple(range(args.seeds)),
                                 baselines=() if args.no_baselines else ClassifySettings.baselines, quick=args.quick)
     lock = OutputDirLock(args.out)

@@ -66,6 +66,11 @@ def test_aeon_dataset_beside_a_baseline_in_one_run(tmp_path):
     assert row["published"]["1-NN DTW"] == 95.5
     assert row["ours"]["parameters"] > 0 and row["ours"]["j_per_series_mean"] > 0
     assert "ItalyPowerDemand" in report["table"] and "1-NN DTW" in report["table"]
+    assert "untrained selective-scan channels" in report["table"]  # the default method, named in the report
+    assert row["ours"]["parameters"] == row["ours"]["runs"][0]["parameters"]  # the head's: the only trained part
+    with pytest.raises(ValueError, match="method"):
+        classify(["ItalyPowerDemand"], settings=ClassifySettings(method="rocket", quick=True), progress=False,
+                 write=False)
 
 
 def test_unknown_dataset_lists_what_aeon_ships():
@@ -104,9 +109,10 @@ def test_cli_classify_quick(tmp_path, capsys):
     csv.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     rc = main(["series", "classify", "--csv", str(csv), "--target", "cls", "--quick", "--seeds", "1",
-               "--no-baselines", "--out", str(out)])
+               "--no-baselines", "--method", "trained", "--out", str(out)])
     assert rc == 0
-    assert "| mine |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| mine |" in printed and "trained by AdamW" in printed  # the earlier, trained method stays available
     assert json.loads((out / "classify.json").read_text())["rows"][0]["dataset"] == "mine"
     assert main(["series", "classify", "NoSuchSet", "--quick", "--out", str(out)]) == 1
     assert "aeon does not ship" in capsys.readouterr().err

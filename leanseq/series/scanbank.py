@@ -1,0 +1,361 @@
+"""A wide bank of untrained selective-scan channels read through running pools: features for a linear readout.
+
+    bank = ScanBank(ScanBankConfig(channels=1, timescale=150), seed=0)
+    bank.fit(train_series)                                # normaliser + PPV thresholds (unsupervised)
+    feats = bank(values)                                  # (B, L, C) -> (B, 4W): pooled features at the end
+    feats, state = bank(values, return_state=True)        # chunks: pass the state on, same as one pass
+    feats_t, state = bank.step(values[:, t], state)       # one observation at a time
+
+Reservoir computing with leanseq's own scan: nothing here is trained by gradient descent. Each of W channels
+(default 4096) reads a random mix of the input's channels through a random zero-mean causal convolution
+(leanseq.ops.causal_conv1d, the op in front of every Mamba scan), then a Mamba-1 selective scan
+(leanseq.ops.selective_scan_chunked; one observation at a time: selective_scan_step) whose step size
+delta_t = softplus(dt_bias + w . x_t) depends on the input (a random w) around a random timescale drawn
+log-uniformly from one step to the longest training series; channels come in groups sharing random B and
+C vectors (the Mamba-1 layout: B_t, C_t are per position, shared by a group's channels), and a random skip
+D adds the convolution's output itself. Each channel's response y is pooled causally: its running max, its
+running mean, and its running proportion of positive values (PPV: the share of steps where y exceeds a
+per-channel threshold). The pooled state is a sum, a max and a count per channel, so the features after
+observation t are exact for the prefix 1..t: one pass gives an answer at every cut.
+
+What is fitted from data (no labels): the per-channel mean and standard deviation of the training values
+(the normaliser) and each channel's PPV threshold, a random quantile (25-75%) of that channel's response on
+a random training series. Everything else is drawn once from `seed` and never changes. A linear head on the
+standardised features (ScanBankClassifier; ridge regression, penalty chosen by cross-validation on the train
+split) is the only supervised part.
+
+Missing values (NaN) enter as 0 plus a per-channel missing flag with its own random weights, as in
+leanseq.series.encoder; infinite values are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from leanseq.ops import causal_conv1d, causal_conv1d_step, selective_scan_chunked, selective_scan_step
+from leanseq.series.encoder import _as_values
+
+RIDGE_PENALTIES = tuple(np.logspace(-3, 6, 19))  # on standardised features; chosen per dataset by CV on train
+# Feature blocks, W each, in this order: running max, running mean, running PPV, and the current response y_t
+POOLS = ("max", "mean", "ppv", "last")
+# The readouts cross-validation chooses from per dataset (the first wins ties): shape statistics for series whose
+# class shows in what happens; the recency-weighted responses y_t (the exponential decays remember when) for
+# series whose class shows in when it happens
+POOL_CHOICES = (("max", "mean", "ppv"), ("ppv",), ("last",), POOLS)
+
+
+@dataclasses.dataclass
+class ScanBankConfig:
+    channels: int = 1  # input channels of the series
+    width: int = 4096  # scan channels W; features = 4 W (see POOLS)
+    group_width: int = 32  # channels sharing one random B and C
+    state_size: int = 4  # N per channel; A = -(1..N) (S4D-real), so each channel mixes N decays
+    conv_kernel: int = 9
+    timescale: int = 256  # the longest memory drawn, in steps (the classifier sets it to the longest train series)
+
+    def check(self) -> None:
+        for name in ("channels", "width", "group_width", "state_size", "conv_kernel", "timescale"):  # ints >= 1
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ScanBankConfig.{name} must be a positive int, got {v!r}")
+        if self.width % self.group_width:
+            raise ValueError(f"ScanBankConfig.width={self.width} must be a multiple of group_width="
+                             f"{self.group_width}")
+
+
+@dataclasses.dataclass
+class ScanBankState:
+    """A batch of streams: what the bank keeps between observations (batch on dimension 0 everywhere)."""
+
+    conv: torch.Tensor  # (B, W, K-1) the last K-1 convolution inputs
+    ssm: torch.Tensor  # (B * G, group_width, N) float32 scan state, groups folded into the batch
+    count: torch.Tensor  # (B,) observations read
+    total: torch.Tensor  # (B, W) running sum of y
+    peak: torch.Tensor  # (B, W) running max of y (-inf before the first observation)
+    positive: torch.Tensor  # (B, W) running count of y > threshold
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.count.shape[0])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in dataclasses.astuple(self))
+
+
+class ScanBank(nn.Module):
+    """Untrained selective-scan channels + running pools (see the module docstring). All weights are buffers."""
+
+    def __init__(self, config: ScanBankConfig, seed: int = 0):
+        super().__init__()
+        config.check()
+        self.config = config
+        c, w, n, k = config.channels, config.width, config.state_size, config.conv_kernel
+        groups = w // config.group_width
+        g = torch.Generator().manual_seed(seed)
+        mix = torch.randn(c, w, generator=g)
+        if c > 1:  # each scan channel reads about three input channels (all when there are fewer)
+            mix = mix * (torch.rand(c, w, generator=g) < min(1.0, 3.0 / c))
+        conv = torch.randn(w, k, generator=g)
+        # log-uniform timescales from one step to `timescale` steps: delta from 1 down to 0.5 / timescale
+        lo, hi = math.log(0.5 / config.timescale), 0.0
+        dt = torch.exp(lo + (hi - lo) * torch.rand(w, generator=g))
+        self.register_buffer("value_mean", torch.zeros(c))
+        self.register_buffer("value_std", torch.ones(c))
+        self.register_buffer("mix", mix)  # (C, W) values -> scan inputs
+        self.register_buffer("mix_missing", torch.randn(c, w, generator=g))  # (C, W) missing flags -> inputs
+        self.register_buffer("conv", (conv - conv.mean(1, keepdim=True)).contiguous())  # (W, K), zero mean
+        self.register_buffer("dt_bias", dt + torch.log(-torch.expm1(-dt)))  # (W,) inverse softplus of dt
+        self.register_buffer("dt_mix", 0.5 * torch.randn(c, w, generator=g) / math.sqrt(c))  # (C, W) selectivity
+        self.register_buffer("A", -torch.arange(1, n + 1, dtype=torch.float32).repeat(config.group_width, 1))
+        self.register_buffer("B", torch.randn(groups, n, generator=g))  # (G, N)
+        self.register_buffer("C", torch.randn(groups, n, generator=g))  # (G, N)
+        self.register_buffer("D", torch.randn(w, generator=g))  # (W,) skip: the conv output itself
+        self.register_buffer("threshold", torch.zeros(w))  # (W,) PPV thresholds, set by fit
+        self.groups = groups
+
+    @property
+    def num_features(self) -> int:
+        return len(POOLS) * self.config.width
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    # ---- fitting (no labels) ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fit(self, series: list[np.ndarray], seed: int = 0, max_series: int = 64) -> ScanBank:
+        """Normaliser and PPV thresholds from training series (a list of (length_i, C) arrays, NaN = missing)."""
+        if not series:
+            raise ValueError("ScanBank.fit needs at least one training series")
+        flat = np.concatenate([np.asarray(s, dtype=np.float64).reshape(len(s), -1) for s in series])
+        if flat.shape[1] != self.config.channels:
+            raise ValueError(f"training series have {flat.shape[1]} channels, the bank {self.config.channels}")
+        observed = ~np.isnan(flat)
+        if not observed.any(0).all():
+            raise ValueError(f"channel(s) {np.nonzero(~observed.any(0))[0].tolist()} hold no observed value: "
+                             "cannot fit the normaliser")
+        self.value_mean.copy_(torch.from_numpy(np.nanmean(flat, 0)).float())
+        self.value_std.copy_(torch.from_numpy(np.nanstd(flat, 0)).float().clamp(min=1e-8))
+        g = torch.Generator().manual_seed(seed + 7919)
+        w = self.config.width
+        picks = torch.randperm(len(series), generator=g)[:max_series]
+        owner = picks[torch.randint(0, len(picks), (w,), generator=g)]  # (W,) the series each channel looks at
+        quantile = 0.25 + 0.5 * torch.rand(w, generator=g)
+        chosen = [series[i] for i in picks.tolist()]
+        longest = max(len(s) for s in chosen)
+        batch = max(1, 8_000_000 // (longest * w))
+        for start in range(0, len(chosen), batch):
+            part = chosen[start : start + batch]
+            values = np.full((len(part), longest, self.config.channels), np.nan, dtype=np.float32)
+            for j, s in enumerate(part):  # padded at the end; the padding is never read below
+                values[j, : len(s)] = np.asarray(s, dtype=np.float32).reshape(len(s), -1)
+            y = self.responses(torch.from_numpy(values))  # (b, L, W)
+            for j, s in enumerate(part):
+                chans = torch.nonzero(owner == picks[start + j]).flatten()
+                if len(chans) == 0:
+                    continue
+                ranked = y[j, : len(s)][:, chans].sort(0).values  # (L_j, n)
+                at = (quantile[chans] * (len(s) - 1)).round().long()
+                self.threshold[chans] = ranked.gather(0, at[None])[0]
+        return self
+
+    # ---- the contract -----------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int) -> ScanBankState:
+        w, k = self.config.width, self.config.conv_kernel
+        return ScanBankState(
+            conv=torch.zeros(batch_size, w, k - 1), ssm=torch.zeros(batch_size * self.groups, self.config.group_width,
+                                                                     self.config.state_size),
+            count=torch.zeros(batch_size, dtype=torch.long), total=torch.zeros(batch_size, w),
+            peak=torch.full((batch_size, w), -math.inf), positive=torch.zeros(batch_size, w))
+
+    def check_state(self, state, batch_size: int) -> None:
+        if not isinstance(state, ScanBankState):
+            raise TypeError(f"state must be a ScanBankState (from init_state or a forward with return_state=True), "
+                            f"got {type(state).__name__}")
+        want = self.init_state(0)
+        for f in dataclasses.fields(ScanBankState):
+            got, ref = getattr(state, f.name), getattr(want, f.name)
+            rows = batch_size * (self.groups if f.name == "ssm" else 1)
+            if not isinstance(got, torch.Tensor) or tuple(got.shape) != (rows, *ref.shape[1:]):
+                raise ValueError(f"state.{f.name} must have shape {(rows, *ref.shape[1:])} for a batch of "
+                                 f"{batch_size}, got {tuple(getattr(got, 'shape', ()))}")
+
+    def _inputs(self, values: torch.Tensor):
+        """values (..., C) with NaN -> (scan input u before the conv (..., W), delta (..., W))."""
+        missing = torch.isnan(values)
+        x = torch.where(missing, torch.zeros_like(values), (values - self.value_mean) / self.value_std)
+        u = x @ self.mix + missing.float() @ self.mix_missing
+        delta = nn.functional.softplus(self.dt_bias + x @ self.dt_mix)
+        return u, delta
+
+    def _scan(self, u, delta, ssm_state):
+        """Conv output u (B, L, W), delta (B, L, W) -> y (B, L, W) and the scan state after, groups folded."""
+        b, length, w = u.shape
+        g, dg, n = self.groups, self.config.group_width, self.config.state_size
+
+        def fold(t):  # (B, L, W) -> (B * G, L, group_width)
+            return t.reshape(b, length, g, dg).permute(0, 2, 1, 3).reshape(b * g, length, dg).contiguous()
+
+        bm = self.B[None, :, None, :].expand(b, g, length, n).reshape(b * g, length, n).contiguous()
+        cm = self.C[None, :, None, :].expand(b, g, length, n).reshape(b * g, length, n).contiguous()
+        y, h = selective_scan_chunked(fold(u), fold(delta), self.A, bm, cm, initial_state=ssm_state)
+        y = y.reshape(b, g, length, dg).permute(0, 2, 1, 3).reshape(b, length, w)
+        return y + self.D * u, h
+
+    def responses(self, values: torch.Tensor, state: ScanBankState | None = None):
+        """values (B, L, C) -> every channel's response y (B, L, W) before pooling (and, with a state, the conv
+        and scan states after)."""
+        u, delta = self._inputs(values)
+        u, conv_state = causal_conv1d(u, self.conv, None, None if state is None else state.conv, activation=None)
+        y, h = self._scan(u, delta, None if state is None else state.ssm)
+        return y if state is None else (y, conv_state, h)
+
+    @torch.no_grad()
+    def forward(self, values, state: ScanBankState | None = None, return_state: bool = False, read_at=None):
+        """values (B, L, C) -> pooled features (B, 4W) after the last observation, or at positions
+        read_at (B, P) (0-based, each < L) -> (B, P, 4W); with return_state=True also the state after all L
+        observations (feed equal-length chunks; a padded row's state would include its padding)."""
+        values = _as_values(values, self.config.channels, 3, "values", torch.float32, torch.device("cpu"))
+        b = values.shape[0]
+        if state is None:
+            state = self.init_state(b)
+        else:
+            self.check_state(state, b)
+        y, conv_state, h = self.responses(values, state)
+        peak = torch.maximum(y.cummax(1).values, state.peak[:, None])  # (B, L, W)
+        total = y.cumsum(1) + state.total[:, None]
+        positive = (y > self.threshold).float().cumsum(1) + state.positive[:, None]
+        count = state.count[:, None] + torch.arange(1, y.shape[1] + 1)[None]  # (B, L)
+        if read_at is None:
+            at = torch.full((b, 1), y.shape[1] - 1)
+        else:
+            at = torch.as_tensor(read_at, dtype=torch.long).reshape(b, -1)
+            if bool(((at < 0) | (at >= y.shape[1])).any()):
+                raise ValueError(f"read_at positions must lie in [0, {y.shape[1] - 1}]")
+        idx = at[:, :, None].expand(-1, -1, y.shape[2])
+        n = count.gather(1, at)[:, :, None].float()
+        pools = [peak.gather(1, idx), total.gather(1, idx) / n, positive.gather(1, idx) / n]
+        feats = torch.cat([*pools, y.gather(1, idx)], dim=-1)  # the order of POOLS
+        feats = feats[:, 0] if read_at is None else feats
+        if not return_state:
+            return feats
+        return feats, ScanBankState(conv_state, h, count[:, -1].clone(), total[:, -1].clone(), peak[:, -1].clone(),
+                                    positive[:, -1].clone())
+
+    @torch.no_grad()
+    def step(self, values_t, state: ScanBankState) -> tuple[torch.Tensor, ScanBankState]:
+        """One observation per row (B, C) -> (pooled features (B, 4W) after it, the new state); pure."""
+        values_t = _as_values(values_t, self.config.channels, 2, "values_t", torch.float32, torch.device("cpu"))
+        b = values_t.shape[0]
+        self.check_state(state, b)
+        u, delta = self._inputs(values_t)  # (B, W) each
+        u, conv_state = causal_conv1d_step(u, state.conv, self.conv, None, activation=None)
+        g, dg = self.groups, self.config.group_width
+        bt = self.B.repeat(b, 1)  # (B * G, N), row-major like the fold
+        ct = self.C.repeat(b, 1)
+        yg, h = selective_scan_step(state.ssm, u.reshape(b * g, dg), delta.reshape(b * g, dg), self.A, bt, ct)
+        y = yg.reshape(b, -1) + self.D * u
+        count = state.count + 1
+        new = ScanBankState(conv_state, h, count, state.total + y, torch.maximum(state.peak, y),
+                            state.positive + (y > self.threshold).float())
+        n = count[:, None].float()
+        pools = [new.peak, new.total / n, new.positive / n]
+        return torch.cat([*pools, y], dim=-1), new
+
+
+class ScanBankClassifier(nn.Module):
+    """A ScanBank and a linear head on its standardised features: class scores after every observation."""
+
+    def __init__(self, bank: ScanBank, n_classes: int):
+        super().__init__()
+        self.bank = bank
+        self.head = nn.Linear(bank.num_features, n_classes)
+
+    def init_state(self, batch_size: int) -> ScanBankState:
+        return self.bank.init_state(batch_size)
+
+    @torch.no_grad()
+    def forward(self, values, state=None, return_state: bool = False, read_at=None):
+        out = self.bank(values, state=state, return_state=return_state, read_at=read_at)
+        return (self.head(out[0]), out[1]) if return_state else self.head(out)
+
+    @torch.no_grad()
+    def step(self, values_t, state: ScanBankState):
+        feats, state = self.bank.step(values_t, state)
+        return self.head(feats), state
+
+    def fit_head(self, feats: np.ndarray, labels: np.ndarray, alphas=RIDGE_PENALTIES, choices=POOL_CHOICES,
+                 folds: int = 5, repeats: int = 3, seed: int = 0) -> dict:
+        """Ridge regression of +-1 one-hot labels on standardised features. feats (N, P, 4W) holds each train
+        series read at P cuts (index 0: its full length), labels (N,) its class index. Which feature blocks
+        (one of `choices`, see POOLS) and which penalty are chosen by k-fold cross-validation over series,
+        repeated with `repeats` shuffles (all cuts of a series in the same fold: nothing of a held-out series is
+        seen), scored by full-length accuracy (ties: the earlier choice, then the larger penalty); then the head
+        is refitted on every row,
+        with zero weight on the blocks not chosen. Standardisation is folded into the Linear head.
+        Returns {"alpha": penalty, "pools": the chosen blocks, "cv_accuracy": % of train series}."""
+        n, cuts, width = feats.shape
+        k, w = self.head.out_features, self.bank.config.width
+        flat = feats.reshape(n * cuts, width).astype(np.float64)
+        mean, std = flat.mean(0), flat.std(0) + 1e-6
+        x = ((feats - mean) / std).astype(np.float32)  # (N, P, F); Gram matrices in float32, solves in float64
+        target = -np.ones((n, k))
+        target[np.arange(n), labels] = 1.0
+        block = {name: slice(i * w, (i + 1) * w) for i, name in enumerate(POOLS)}
+        alphas = np.asarray(alphas, dtype=np.float64)
+        correct = np.zeros((len(choices), len(alphas)))
+        for train, held in (f for r in range(repeats) for f in _folds(labels, folds, seed + 1000 * r)):
+            rows = x[train].reshape(-1, width)
+            rows_mean = rows.mean(0)
+            rows = rows - rows_mean
+            held_rows = x[held, 0] - rows_mean
+            y_rows = np.repeat(target[train], cuts, axis=0)
+            grams = {b: (rows[:, block[b]] @ rows[:, block[b]].T).astype(np.float64) for b in POOLS}  # summed per choice
+            cross = {b: (held_rows[:, block[b]] @ rows[:, block[b]].T).astype(np.float64) for b in POOLS}
+            for c, choice in enumerate(choices):
+                dual_for = _ridge_dual(sum(grams[b] for b in choice), y_rows)
+                cross_c = sum(cross[b] for b in choice)
+                for a, alpha in enumerate(alphas):
+                    scores = cross_c @ dual_for(alpha) + y_rows.mean(0)
+                    correct[c, a] += (scores.argmax(1) == labels[held]).sum()
+        c, a = max(np.ndindex(*correct.shape), key=lambda ca: (correct[ca], -ca[0], alphas[ca[1]]))
+        cols = np.concatenate([np.arange(width)[block[b]] for b in choices[c]])
+        rows = x.reshape(-1, width)[:, cols]
+        rows_mean = rows.mean(0)
+        rows = rows - rows_mean
+        y_rows = np.repeat(target, cuts, axis=0)  # coef below: (K, F chosen)
+        coef = (rows.T.astype(np.float64) @ _ridge_dual((rows @ rows.T).astype(np.float64), y_rows)(alphas[a])).T
+        weight = np.zeros((k, width))
+        weight[:, cols] = coef / std[cols]  # ((x - m) / s) @ coef.T == x @ (coef / s).T - (coef / s) @ m
+        bias = y_rows.mean(0) - coef @ rows_mean - weight @ mean
+        with torch.no_grad():
+            self.head.weight.copy_(torch.from_numpy(weight).float())
+            self.head.bias.copy_(torch.from_numpy(bias).float())
+        return {"alpha": float(alphas[a]), "pools": list(choices[c]), "cv_accuracy": float(100 * correct[c, a] / (n * repeats))}
+
+
+def _folds(labels: np.ndarray, folds: int, seed: int):
+    """Stratified k-fold over series (plain k-fold when a class has a single train series)."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    counts = np.bincount(labels)
+    splits = min(folds, int(counts[counts > 0].min()))
+    if splits >= 2:
+        return StratifiedKFold(splits, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels)
+    return KFold(min(folds, len(labels)), shuffle=True, random_state=seed).split(np.zeros(len(labels)))
+
+
+def _ridge_dual(gram: np.ndarray, y: np.ndarray):
+    """Ridge through the (rows x rows) Gram matrix of centred features, one eigendecomposition for every penalty:
+    -> alpha -> dual coefficients (rows, K) of the centred labels (the feature weights are x_centred.T @ dual)."""
+    eigval, eigvec = np.linalg.eigh(gram)
+    projected = eigvec.T @ (y - y.mean(0))
+
+    def dual_for(alpha: float) -> np.ndarray:
+        return eigvec @ (projected / (np.clip(eigval, 0, None) + alpha)[:, None])
+
+    return dual_for

@@ -1,0 +1,102 @@
+"""leanseq.series.scanbank: an untrained scan bank that streams exactly, and a ridge head that learns from it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from leanseq.series.scanbank import ScanBank, ScanBankClassifier, ScanBankConfig
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_bank(channels=3, seed=1, **kw):
+    rng = np.random.default_rng(0)
+    train = [rng.normal(size=(int(rng.integers(10, 30)), channels)) for _ in range(12)]
+    config = ScanBankConfig(channels=channels, width=128, group_width=16, timescale=30, **kw)
+    return ScanBank(config, seed=seed).fit(train), train
+
+
+def test_step_by_step_and_chunks_equal_one_pass_with_missing_values():
+    bank, _ = small_bank()
+    x = torch.randn(2, 20, 3)
+    x[0, 4, 1] = float("nan")  # a missing observation in one channel
+    whole, end_state = bank(x, return_state=True)
+    assert whole.shape == (2, bank.num_features) and torch.isfinite(whole).all()
+    _, state = bank(x[:, :7], return_state=True)
+    torch.testing.assert_close(bank(x[:, 7:], state=state), whole, atol=1e-5, rtol=1e-5)
+    state = bank.init_state(2)
+    for t in range(20):
+        feats, new = bank.step(x[:, t], state)
+        assert new is not state  # step is pure: the old state stays valid
+        state = new
+    torch.testing.assert_close(feats, whole, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(state.ssm, end_state.ssm, atol=1e-4, rtol=1e-4)
+
+
+def test_reading_at_a_cut_is_reading_only_that_prefix():
+    bank, _ = small_bank()
+    x = torch.randn(2, 16, 3)
+    at = bank(x, read_at=torch.tensor([[3, 15], [9, 0]]))  # (B, P, F) from the one pass
+    torch.testing.assert_close(at[0, 0], bank(x[:1, :4])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(at[1, 0], bank(x[1:, :10])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(at[1, 1], bank(x[1:, :1])[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="read_at"):
+        bank(x, read_at=torch.tensor([[16], [0]]))
+
+
+def test_nothing_is_trained_and_the_seed_fixes_the_bank():
+    a, train = small_bank(seed=3)
+    b = ScanBank(a.config, seed=3).fit(train)
+    c = ScanBank(a.config, seed=4).fit(train)
+    assert list(a.parameters()) == []  # every weight is a fixed buffer
+    x = torch.randn(1, 12, 3)
+    torch.testing.assert_close(a(x), b(x))
+    assert not torch.allclose(a(x), c(x))
+    # fitted from the data without labels: a per-channel normaliser and PPV thresholds inside the responses
+    flat = np.concatenate(train)
+    torch.testing.assert_close(a.value_mean, torch.from_numpy(flat.mean(0)).float())
+    assert (a.threshold != 0).all()
+    ppv = a(x)[0, 2 * a.config.width : 3 * a.config.width]
+    assert ((ppv >= 0) & (ppv <= 1)).all()
+
+
+def test_bad_input_and_state_are_refused():
+    bank, _ = small_bank()
+    with pytest.raises(ValueError, match="channels"):
+        bank(torch.randn(1, 5, 2))
+    with pytest.raises(ValueError, match="infinite"):
+        bank(torch.tensor([[[1.0, float("inf"), 0.0]]]))
+    with pytest.raises(ValueError, match="state.conv"):
+        bank.step(torch.randn(2, 3), bank.init_state(3))
+    with pytest.raises(ValueError, match="group_width"):
+        ScanBankConfig(width=100, group_width=32).check()
+    with pytest.raises(ValueError, match="channel"):
+        ScanBank(ScanBankConfig(channels=2, width=64)).fit([np.full((5, 2), np.nan)])
+
+
+def test_ridge_head_learns_and_classifier_streams():
+    rng = np.random.default_rng(1)
+    # class 0: a slow rise; class 1: a rise then a fall: the same values, a different shape in time
+    ramp = np.linspace(0, 1, 24)
+    shapes = [ramp, np.minimum(ramp, 1 - ramp) * 2]
+    labels = np.array([0, 1] * 20)
+    series = [(shapes[k] + rng.normal(0, 0.1, 24))[:, None] for k in labels]
+    bank = ScanBank(ScanBankConfig(channels=1, width=256, timescale=24), seed=0).fit(series[:30])
+    model = ScanBankClassifier(bank, 2)
+    x = torch.from_numpy(np.stack(series)).float()
+    feats = bank(x[:30], read_at=torch.tensor([[23, 11]] * 30)).numpy()  # full length and 50%
+    head = model.fit_head(feats, labels[:30])
+    assert head["alpha"] > 0 and head["pools"] and head["cv_accuracy"] >= 80
+    assert (model(x[30:]).argmax(-1).numpy() == labels[30:]).mean() >= 0.9
+    state = model.init_state(10)
+    for t in range(24):
+        logits, state = model.step(x[30:, t], state)
+    torch.testing.assert_close(logits, model(x[30:]), atol=1e-3, rtol=1e-3)
