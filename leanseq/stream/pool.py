@@ -183,9 +183,9 @@ class SessionPool:
                 ids_2d, _kind = coerce_tokens(self.model, tokens[sid], batch_size=1)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"session {sid!r}: {exc}") from exc
-            if ids_2d.numel() != 1:
+            if ids_2d.shape[1] != 1:  # (1, n) token ids, or (1, n, channels) observations of a series model
                 raise ValueError(
-                    f"session {sid!r}: step takes one token per session, got {ids_2d.numel()}; use push() for a prompt"
+                    f"session {sid!r}: step takes one token per session, got {ids_2d.shape[1]}; use push() for a prompt"
                 )
             token_list.append(ids_2d[0])
         token_ids = torch.cat(token_list)  # (n,)
