@@ -11,9 +11,9 @@ import pytest
 import torch
 from websockets.sync.client import connect
 
+from leanseq.series import SeriesModel
 from leanseq.serve.batching import Engine, Job
 from leanseq.serve.store import SQLiteStore
-from leanseq.series import SeriesModel
 from leanseq.stream import Session
 from tests.serve.conftest import KEY_A, LiveServer, serve_argv
 
