@@ -651,7 +651,13 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             check_session_id(session_id)
             with StreamSlot():
                 await run(Job("info", owner, session_id=session_id))  # exists and is this key's
-                await ws_loop(websocket, owner, session_id)
+                # the loop runs as a task of its own: each message then resumes a shallow stack (this task),
+                # not the handler's, which sits under every middleware and router layer
+                loop_task = asyncio.create_task(ws_loop(websocket, owner, session_id))
+                try:
+                    await asyncio.shield(loop_task)
+                finally:
+                    loop_task.cancel()
         except ServeError as exc:
             await websocket.send_json({"error": {"message": exc.message, "code": exc.code, "status": exc.status}})
             await websocket.close(code=1008)
