@@ -20,6 +20,12 @@ Two modes (--modes): "ws" is the whole stack above; "engine" drives the server's
 HTTP at all (the same Engine, SessionPool, SQLite store and durability per push; all N pushes of a step are
 submitted at once and each one's latency runs from its submission to its answer), which shows what the model step
 and the store cost apart from the Python WebSocket stack on both ends.
+
+Where the time goes (ws mode): each result carries the CPU microseconds per push (warm-up pushes included) spent
+by the server's event-loop thread, by its other threads (the engine, the store's WAL thread) and by the client
+process, each split into user and system (kernel: socket calls, loopback TCP) time, read from /proc; and the
+engine's rows per batched step (from /metrics). `--append` merges into an existing OUT.json (a long plan split
+into runs that each hold the measurement lock for a few minutes).
 """
 
 from __future__ import annotations
@@ -77,6 +83,34 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def cpu_seconds(pid: int) -> dict:
+    """CPU seconds so far of each thread of a process, user and system (the kernel: socket calls, loopback TCP):
+    "main" is the thread that runs the event loop, "other" the rest (the engine, the store's WAL thread).
+    Linux /proc; {} elsewhere."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"main_user": 0.0, "main_sys": 0.0, "other_user": 0.0, "other_sys": 0.0}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    for tid in tids:
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        which = "main" if int(tid) == pid else "other"
+        out[which + "_user"] += int(fields[11]) / tick  # utime
+        out[which + "_sys"] += int(fields[12]) / tick  # stime
+    return out
+
+
+async def engine_counts(http) -> dict:
+    """The server's batched steps and rows so far, from /metrics (rows per step = how well rounds batch)."""
+    text = (await http.get("/metrics")).text
+    found = {k: re.search(rf"^leanseq_batched_{k}_total (\S+)", text, re.MULTILINE) for k in ("steps", "rows")}
+    return {k: float(m.group(1)) if m else 0.0 for k, m in found.items()}
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
@@ -84,7 +118,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def load(url: str, streams: int, pushes: int, warmup: int, context: int, vocab: int,
-               max_seconds: float, seed: int) -> dict:
+               max_seconds: float, seed: int, server_pid: int | None = None) -> dict:
     import httpx
     import websockets
 
@@ -102,6 +136,7 @@ async def load(url: str, streams: int, pushes: int, warmup: int, context: int, v
         t_open = time.perf_counter()
         sids = await asyncio.gather(*(open_one(p) for p in prompts))
         open_s = time.perf_counter() - t_open
+        steps_before = await engine_counts(http)
     ws_url = url.replace("http://", "ws://")
     latencies: list[float] = []
     counted = {"pushes": 0}
@@ -133,13 +168,27 @@ async def load(url: str, streams: int, pushes: int, warmup: int, context: int, v
         for t in tasks:
             if t.done() and t.exception():
                 raise t.exception()
+    server_before = cpu_seconds(server_pid) if server_pid else {}
+    client_before = cpu_seconds(os.getpid())
     t0 = time.perf_counter()
     deadline["t"] = t0 + max_seconds
     start.set()
     await asyncio.gather(*tasks)
     wall = time.perf_counter() - t0
+    # where the CPU went during the timed part (warm-up pushes included: every push is in the same loop)
+    server_after, client_after = (cpu_seconds(server_pid) if server_pid else {}), cpu_seconds(os.getpid())
+    total = max(1, streams * (warmup + pushes))
+    cpu = {f"server_{k}_us_per_push": round((server_after[k] - server_before[k]) / total * 1e6, 1)
+           for k in server_after if k in server_before}
+    for kind in ("user", "sys"):
+        used = sum(client_after[k] - client_before[k] for k in client_after if k.endswith(kind))
+        cpu[f"client_{kind}_us_per_push"] = round(used / total * 1e6, 1)
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        steps_after = await engine_counts(http)
+    steps = steps_after["steps"] - steps_before["steps"]
+    cpu["rows_per_step"] = round((steps_after["rows"] - steps_before["rows"]) / max(1, steps), 1)
     ms = [x * 1000 for x in latencies]
-    return {"streams": streams, "context": context, "pushes": counted["pushes"],
+    return {**cpu, "streams": streams, "context": context, "pushes": counted["pushes"],
             "planned_pushes": streams * pushes, "stopped_by_time": counted["pushes"] < streams * pushes,
             "wall_s": round(wall, 3), "pushes_per_s": round(counted["pushes"] / wall, 1),
             "p50_ms": round(statistics.median(ms), 2), "p99_ms": round(percentile(ms, 99), 2),
@@ -216,7 +265,7 @@ def run_one(kind: str, context: int, args, busy: bool, mode: str) -> dict:
                 proc, url = start_server(model_dir, Path(tmp) / "sessions.db", args.threads, max(4096, context))
                 try:
                     result = asyncio.run(load(url, args.streams, args.pushes, args.warmup, context, 16,
-                                              args.max_seconds, args.seed))
+                                              args.max_seconds, args.seed, server_pid=proc.pid))
                 finally:
                     stop_server(proc)
         finally:
@@ -271,8 +320,11 @@ def main(argv=None) -> int:
                    help="contexts measured with a core busy (default: all of them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--modes", nargs="+", choices=("ws", "engine"), default=["ws", "engine"])
+    p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
     p.add_argument("--quick", action="store_true", help="a small smoke run (16 streams, 5 pushes, context 64)")
     p.add_argument("--out", default=str(ROOT / "docs" / "serve_load"), help="writes OUT.json and OUT.png")
+    p.add_argument("--append", action="store_true", help="keep OUT.json's results for configurations this run does "
+                   "not measure (a long plan split into several runs), and plot them all")
     args = p.parse_args(argv)
     if args.quick:
         args.streams, args.pushes, args.contexts = 16, 5, [64]
@@ -280,7 +332,7 @@ def main(argv=None) -> int:
 
     plan = [(kind, c, busy, mode) for mode in args.modes for busy in ([False, True] if args.busy_core else [False])
             for kind, contexts in (("mamba", args.mamba_contexts or args.contexts), ("transformer", args.contexts))
-            for c in contexts if not busy or args.busy_contexts is None or c in args.busy_contexts]
+            if kind in args.models for c in contexts if not busy or args.busy_contexts is None or c in args.busy_contexts]
     results = []
     load_before = [round(x, 2) for x in os.getloadavg()]  # other work on the machine, for the record
     for kind, context, busy, mode in tqdm(plan, desc="configurations"):
@@ -289,15 +341,23 @@ def main(argv=None) -> int:
         tqdm.write(f"{mode:6s} {kind:11s} context {context:5d} {'busy core ' if busy else ''}{r['streams']} streams: "
                    f"{r['pushes_per_s']:8.1f} pushes/s, p50 {r['p50_ms']:7.2f} ms, p99 {r['p99_ms']:7.2f} ms"
                    f"{' (stopped by time)' if r['stopped_by_time'] else ''}")
+    runs = [{"command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:] if argv is None else argv),
+             "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()]}]
+    previous = Path(args.out + ".json")
+    if args.append and previous.is_file():  # keep the earlier run's other configurations (e.g. the other mode)
+        earlier = json.loads(previous.read_text())
+        key = ("mode", "model", "context", "busy_core")
+        new = {tuple(r[k] for k in key) for r in results}
+        results = [r for r in earlier["results"] if tuple(r[k] for k in key) not in new] + results
+        runs = earlier.get("runs", []) + runs
+    modes = sorted({r["mode"] for r in results})
     crossing = {}
-    for mode in args.modes:
+    for mode in modes:
         for busy in sorted({r["busy_core"] for r in results}):
             over = sorted(r["context"] for r in results if r["model"] == "transformer" and r["mode"] == mode
                           and r["busy_core"] == busy and r["p99_ms"] > LIMIT_MS)
             crossing[f"{mode}, {'a core busy' if busy else 'no extra load'}"] = over[0] if over else None
-    out = {"command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "machine": f"{os.cpu_count()} CPUs", "load_average_before": load_before,
-           "load_average_after": [round(x, 2) for x in os.getloadavg()], "results": results,
+    out = {"runs": runs, "machine": f"{os.cpu_count()} CPUs", "results": results,
            "transformer_first_context_over_50ms_p99": crossing}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(out, indent=2) + "\n")

@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import re
 import secrets
 import time
@@ -47,6 +48,10 @@ access_log = logging.getLogger("leanseq.serve.access")
 
 StrictInt = Annotated[int, Field(strict=True)]
 TokenId = Annotated[int, Field(strict=True, ge=0)]
+Value = Annotated[float, Field(strict=True)] | None  # an observed value; null (or NaN) marks a missing one
+Observations = list[Value] | list[list[Value]]
+OBSERVATIONS_HELP = ("series models: real-valued observations, one number each for a one-channel model, else a "
+                     "list of `channels` numbers each; null marks a missing value")
 SESSION_ID = re.compile(r"^s_[0-9a-f]{24}$")
 
 
@@ -112,14 +117,14 @@ class ChatRequest(Sampling):
 class OpenSession(Forbid):
     prompt: str | None = Field(None, description="text to feed first (text models)")
     tokens: list[TokenId] | None = Field(None, description="token ids to feed first")
-    observations: list[float] | list[list[float]] | None = Field(None, description="series models (not yet)")
+    observations: Observations | None = Field(None, description=OBSERVATIONS_HELP)
     return_logits: bool = False
 
 
 class Push(Forbid):
     tokens: list[TokenId] | None = Field(None, description="token ids to append")
     text: str | None = Field(None, description="text to append (text models)")
-    observations: list[float] | list[list[float]] | None = Field(None, description="series models (not yet)")
+    observations: Observations | None = Field(None, description=OBSERVATIONS_HELP)
     return_logits: bool = False
     expected_position: StrictInt | None = Field(None, ge=0, description="refuse (409) unless the session is here")
 
@@ -147,6 +152,9 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     tokenizer = engine.tokenizer
     model = engine.model
+    series = engine.series
+    # a value beyond the model's dtype would become infinite inside it: refused like an infinite one
+    value_limit = engine.value_limit
     streams = {"open": 0}
     registry = CollectorRegistry()
     requests_total = Counter("leanseq_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
@@ -215,6 +223,9 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         return session_id
 
     def need_tokenizer(what: str):
+        if series:
+            raise ServeError(400, "not_a_text_model", f"{what} needs a text model; this server serves a series "
+                             "model: open a session and push real-valued observations")
         if tokenizer is None:
             raise ServeError(400, "no_tokenizer", f"{what} needs text, but this model has no tokenizer; "
                              "use the sessions API with token ids")
@@ -231,10 +242,50 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                              f"token id {bad[0]} is outside the vocabulary [0, {model.vocab_size})")
         return tokens
 
-    def inputs(body, allow_empty: bool) -> list[int]:
-        """The token ids a request feeds. Real-valued observations are for series models, which need an input
-        encoder this server does not load yet."""
-        if getattr(body, "observations", None) is not None:
+    def check_observations(raw: list) -> list[list[float]]:
+        """Observations as the series model reads them: a list of `channels` floats each, NaN for a missing value.
+        One-channel models take plain numbers; several channels need a list per observation, of that length."""
+        channels = model.channels
+        rows = []
+        for i, item in enumerate(raw):
+            if isinstance(item, list):
+                if len(item) != channels:
+                    raise ServeError(400, "wrong_channel_count", f"observation {i} has {len(item)} values but this "
+                                     f"model reads {channels} channel(s) per observation")
+            elif channels != 1:
+                example = ", ".join(["0.5"] * channels)
+                raise ServeError(400, "wrong_channel_count", f"this model reads {channels} channels per observation: "
+                                 f"send each observation as a list of {channels} numbers, e.g. [[{example}]]")
+            else:
+                item = [item]
+            row = []
+            for v in item:
+                if v is None or math.isnan(v):  # null or NaN: missing, fed as the series encoder feeds it (0 + a flag)
+                    row.append(math.nan)
+                elif abs(v) > value_limit:
+                    raise ServeError(400, "non_finite_observation", f"observation {i} holds {v!r}: values must be "
+                                     f"finite (and within {value_limit:.3g}); send null for a missing value")
+                else:
+                    row.append(float(v))
+            rows.append(row)
+        if len(rows) > config.max_tokens_per_request:
+            raise ServeError(413, "too_many_tokens", f"{len(rows)} observations in one request; the limit is "
+                             f"{config.max_tokens_per_request}")
+        return rows
+
+    def inputs(body, allow_empty: bool) -> list:
+        """What a request feeds: token ids (from tokens or text), or observations for a series model."""
+        observations = getattr(body, "observations", None)
+        if series:
+            given = [n for n in ("tokens", "text", "prompt") if getattr(body, n, None) is not None]
+            if given:
+                raise ServeError(400, "tokens_unsupported", f"this server serves a series model: send "
+                                 f"'observations' (real values), not {given[0]!r}")
+            rows = check_observations(observations or [])
+            if not rows and not allow_empty:
+                raise ServeError(400, "empty_input", "nothing to push: give at least one observation")
+            return rows
+        if observations is not None:
             raise ServeError(400, "observations_unsupported",
                              "this model takes token ids (or text); real-valued observations need a series model")
         given = [n for n in ("tokens", "text", "prompt") if getattr(body, n, None) is not None]
@@ -571,6 +622,9 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     @app.post("/v1/sessions/{session_id}/generate")
     async def generate(session_id: str, body: Generate, owner: Owner):
         check_session_id(session_id)
+        if series:
+            raise ServeError(400, "not_a_token_model", "this server serves a series model: it answers each pushed "
+                             "observation (POST /v1/sessions/{id}/push), it does not generate tokens")
         tokens = inputs(body, allow_empty=True)
         n_new = max_new(body.max_tokens, 16)
         job = Job("generate", owner, session_id=session_id, tokens=tokens,
@@ -597,7 +651,13 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             check_session_id(session_id)
             with StreamSlot():
                 await run(Job("info", owner, session_id=session_id))  # exists and is this key's
-                await ws_loop(websocket, owner, session_id)
+                # the loop runs as a task of its own: each message then resumes a shallow stack (this task),
+                # not the handler's, which sits under every middleware and router layer
+                loop_task = asyncio.create_task(ws_loop(websocket, owner, session_id))
+                try:
+                    await asyncio.shield(loop_task)
+                finally:
+                    loop_task.cancel()
         except ServeError as exc:
             await websocket.send_json({"error": {"message": exc.message, "code": exc.code, "status": exc.status}})
             await websocket.close(code=1008)
@@ -612,12 +672,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                     data = json.loads(raw)
                 except json.JSONDecodeError as exc:
                     raise ServeError(400, "invalid_json", f"the message is not valid JSON: {exc}") from exc
-                if isinstance(data, dict) and "token" in data and "tokens" not in data:
-                    data["tokens"] = [data.pop("token")]
-                try:
-                    body = Push.model_validate(data)
-                except ValueError as exc:
-                    raise ServeError(422, "invalid_request", one_line(str(exc))) from exc
+                body = ws_push(data)
                 tokens = inputs(body, allow_empty=False)
                 result = await run(Job("push", owner, session_id=session_id, tokens=tokens,
                                        return_logits=body.return_logits, expected_position=body.expected_position))
@@ -629,6 +684,71 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                                                      "status": exc.status}})
 
     return app
+
+
+class WSPush:
+    """A WebSocket push message, checked by ws_push: the fields of Push (one attribute each)."""
+
+    __slots__ = ("expected_position", "observations", "return_logits", "text", "tokens")
+
+    def __init__(self, tokens=None, text=None, observations=None, return_logits=False, expected_position=None):
+        self.tokens, self.text, self.observations = tokens, text, observations
+        self.return_logits, self.expected_position = return_logits, expected_position
+
+
+WS_FIELDS = frozenset(("token", "tokens", "observation", "observations", "text", "return_logits", "expected_position"))
+
+
+def _is_number(v) -> bool:
+    return type(v) is float or type(v) is int  # not bool, not a string of digits
+
+
+def ws_push(data) -> WSPush:
+    """A WebSocket message -> the push it asks for, refused (422) as strictly as the HTTP route's Push model, by
+    explicit checks: a message arrives per step, and this costs a few microseconds where model_validate (and
+    the error machinery around it) cost more. `{"token": 5}` and `{"observation": x}` are one-item shorthands."""
+    if type(data) is not dict:
+        raise ServeError(422, "invalid_request", "a message is a JSON object, e.g. {\"token\": 5} or "
+                         "{\"observations\": [0.5]}")
+    unknown = data.keys() - WS_FIELDS
+    if unknown:
+        raise ServeError(422, "invalid_request", f"{min(unknown)}: extra inputs are not permitted (fields: "
+                         f"{', '.join(sorted(WS_FIELDS))})")
+    out = WSPush()
+    for one, many in (("token", "tokens"), ("observation", "observations")):
+        if one in data:
+            if many in data:
+                raise ServeError(422, "invalid_request", f"give {one!r} or {many!r}, not both")
+            data = {**data, many: [data[one]]}
+    tokens = data.get("tokens")
+    if tokens is not None:
+        if type(tokens) is not list or not all(type(t) is int and t >= 0 for t in tokens):
+            raise ServeError(422, "invalid_request", "tokens: must be a list of token ids (integers >= 0)")
+        out.tokens = tokens
+    text = data.get("text")
+    if text is not None:
+        if type(text) is not str:
+            raise ServeError(422, "invalid_request", "text: must be a string")
+        out.text = text
+    observations = data.get("observations")
+    if observations is not None:
+        flat = type(observations) is list and all(v is None or _is_number(v) for v in observations)
+        nested = type(observations) is list and all(
+            type(row) is list and all(v is None or _is_number(v) for v in row) for row in observations)
+        if not (flat or nested):
+            raise ServeError(422, "invalid_request", "observations: must be a list of numbers (null for missing), "
+                             "or a list of lists of numbers, one list per observation")
+        out.observations = observations
+    return_logits = data.get("return_logits", False)
+    if type(return_logits) is not bool:
+        raise ServeError(422, "invalid_request", "return_logits: must be true or false")
+    out.return_logits = return_logits
+    position = data.get("expected_position")
+    if position is not None:
+        if type(position) is not int or position < 0:
+            raise ServeError(422, "invalid_request", "expected_position: must be an integer >= 0")
+        out.expected_position = position
+    return out
 
 
 def one_line(text: str) -> str:

@@ -9,12 +9,19 @@ push left each session. The record is a log entry (the tokens fed, a few bytes) 
 entries of a session (and when it is opened, forked, imported, its chat changes, it leaves memory or the server
 stops), a checkpoint: its whole state blob. Loading a session restores its checkpoint and replays its log.
 
-Exactness. On CPU a Mamba step of one row takes a matrix-vector path whose sums round differently from the
-batched path (rows of batches of 2 and more are identical to each other, whatever the batch). So a stream's
-logits would depend on whether it happened to be alone in its round. When a probe at start-up sees that the
-model has this property, a lone step is run beside a scratch row, and every stream gets the same bits whatever
-the traffic: a replayed log gives the very state that was acknowledged, and a restarted server continues bit for
-bit (on the same machine, with the same number of torch threads, which decides how sums are split).
+Exactness. On CPU a step's sums can round differently with the batch size: leanseq's native Mamba step takes a
+matrix-vector path for one row (rows of batches of 2 and more are identical to each other), and eager steps (a
+series model's encoder and head, the transformer) go through the CPU's GEMM, whose rows in batches of 2-3 round
+apart from those in batches of 4 and more here. So a stream's outputs would depend on how many others happened to
+share its round. A probe at start-up finds the smallest batch size from which a row's bits no longer depend on
+the batch (up to 65 rows, the row anywhere in it); a round with fewer rows is stepped beside scratch rows up to
+that size, and every stream gets the same bits whatever the traffic: a replayed log gives the very state that was
+acknowledged, and a restarted server continues bit for bit (on the same machine, with the same number of torch
+threads, which decides how sums are split).
+
+Series models (leanseq.series.SeriesModel) are served by the same engine: a push feeds observations (lists of
+`channels` floats, NaN for a missing value, as the model's encoder reads it) instead of token ids, the log holds
+them, and an answer holds the model's outputs per observation instead of next tokens.
 
 Sessions not touched for `idle_seconds` (or beyond `max_live` in memory) leave the pool; their state is already
 in the store, and the next request loads it back. A stored blob that fails its checks (checksum, model
@@ -27,6 +34,7 @@ import concurrent.futures
 import copy
 import itertools
 import logging
+import math
 import queue
 import secrets
 import threading
@@ -42,7 +50,8 @@ from leanseq.stream.blob import fingerprint
 
 log = logging.getLogger("leanseq.serve")
 
-PAD_ID = "__pad__"  # the scratch row beside a lone step (see the module docstring)
+PAD_IDS = tuple(f"__pad{i}__" for i in range(15))  # scratch rows beside a small round (see the module docstring)
+PROBE_FLOORS = (1, 2, 4, 8, 16)
 PAD_RESET_STEPS = 4096  # reopen the scratch row now and then (a transformer's cache would otherwise grow)
 
 
@@ -58,16 +67,47 @@ def new_session_id() -> str:
     return "s_" + secrets.token_hex(12)
 
 
-def needs_batch_partner(model) -> bool:
-    """True when a step of one row gives other bits than the same row stepped in a batch (see module docs)."""
+def is_series(model) -> bool:
+    """A model that reads real-valued observations (leanseq.series.SeriesModel) rather than token ids: it says how
+    to read its stream input (coerce_stream_input) and has `channels` values per observation."""
+    return getattr(model, "coerce_stream_input", None) is not None and hasattr(model, "channels")
+
+
+def pad_input(model):
+    """What the scratch row is fed: token 0, or an observation of zeros."""
+    return [0.0] * model.channels if is_series(model) else 0
+
+
+def batch_floor(model) -> int | None:
+    """The smallest batch size from which a row's step gives the same bits whatever the batch size and the row's
+    place in it (see module docs): 1 when every batch agrees; 2 for leanseq's native Mamba step (a lone row takes
+    a matrix-vector path); 4 for eager steps on this CPU's GEMM (rows of 2-3 round apart from 4 and more). None
+    when no floor up to 16 holds (then exactness under mixed traffic is not guaranteed)."""
+    if is_series(model):
+        def row(v):
+            return torch.full((1, model.channels), v, dtype=model.dtype)
+        probe, filler = row(0.5), [row(v) for v in (-1.25, 2.0, 0.25)]
+    else:
+        def row(t):
+            return torch.tensor([t % model.vocab_size])
+        probe, filler = row(1), [row(t) for t in (2, 3, 5)]
+    sizes = [*range(1, 18), 31, 32, 33, 64, 65]
+    bits = {}
     with torch.no_grad():
-        one, two = model.init_state(1), model.init_state(2)
-        for token in (1 % model.vocab_size, 2 % model.vocab_size, 3 % model.vocab_size):
-            lone, one = model.step(torch.tensor([token]), one)
-            pair, two = model.step(torch.tensor([token, token]), two)
-            if not torch.equal(lone[0], pair[0]):
-                return True
-    return False
+        for batch in sizes:  # the probe row in the middle, other inputs around it
+            place = batch // 2
+            x = torch.cat([probe if i == place else filler[i % len(filler)] for i in range(batch)])
+            bits[batch] = model.step(x, model.init_state(batch))[0][place]
+    for floor in PROBE_FLOORS:
+        if all(torch.equal(bits[floor], bits[b]) for b in sizes if b >= floor):
+            return floor
+    return None
+
+
+def is_observation(row, channels: int) -> bool:
+    """One stored observation: `channels` floats, finite or NaN (missing)."""
+    return isinstance(row, list) and len(row) == channels and \
+        all(type(v) is float and not math.isinf(v) for v in row)
 
 
 def _resolve(jobs: list[Job]) -> None:
@@ -118,7 +158,7 @@ class Job:
     kind: str  # open | push | generate | info | delete | fork | export | import
     owner: str
     session_id: str | None = None
-    tokens: list[int] | None = None
+    tokens: list | None = None  # token ids, or for a series model observations: lists of `channels` floats
     return_logits: bool = False
     expected_position: int | None = None
     metadata: dict | None = None
@@ -164,7 +204,16 @@ class Engine:
         self.pool = SessionPool(self.model, prefill_chunk_size)
         # the model never changes while serving: fingerprint it once for every blob written and read
         self.frozen = fingerprint(self.model)
-        self.pad = needs_batch_partner(self.model)
+        self.series = is_series(self.model)  # observations in, regression / class outputs out
+        floor = batch_floor(self.model)
+        if floor is None:
+            log.warning("this model's step gives other bits at every batch size here: a stream's outputs may "
+                        "differ in the last bits with the traffic around it, and a replayed log may not rebuild "
+                        "the acknowledged state exactly")
+        self.min_batch = floor or 1  # a round of fewer rows is stepped beside scratch rows up to this size
+        self.pad_input = pad_input(self.model)
+        # the largest observed value a series model takes: beyond it a value becomes infinite in the model's dtype
+        self.value_limit = float(torch.finfo(self.model.dtype).max) if self.series else None
         self._pad_steps = 0
         self.max_sessions_per_key = max_sessions_per_key
         if checkpoint_every < 1:
@@ -211,7 +260,7 @@ class Engine:
 
     @property
     def live_sessions(self) -> int:
-        return len(self.pool) - (PAD_ID in self.pool)
+        return len(self.pool) - sum(p in self.pool for p in PAD_IDS)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the queued work, write every live session and close the store."""
@@ -335,8 +384,13 @@ class Engine:
         self.stats["rounds"] += 1
         self.stats["predictions"] += len(steps)
         self._persist()
+        pushes = [job for job in step_jobs if job.kind == "push"]
+        if pushes:
+            self._answer_pushes(pushes, step_logits)
+            done.extend(pushes)
         for job in step_jobs:
-            self._after_step(job, step_logits[job.session_id], done)
+            if job.kind != "push":
+                self._after_step(job, step_logits[job.session_id], done)
         for job in done:
             self._finish(job)
         # generations that go on keep their place ahead of later jobs for the same session
@@ -405,6 +459,9 @@ class Engine:
             job.result = self._push_alone(job, sid, job.tokens)
             done.append(job)
         elif kind == "generate":
+            if self.series:
+                raise ServeError(400, "not_a_token_model", "this server serves a series model: it answers each "
+                                 "pushed observation, it does not generate tokens")
             return self._generate_round(job, done)
         else:  # pragma: no cover (the app builds only the kinds above)
             raise ServeError(400, "bad_job", f"unknown job kind {kind!r}")
@@ -440,6 +497,24 @@ class Engine:
         token = job.sampler.choose(logits)
         piece = job.sampler.accept(token)
         job.pending = (token, piece)
+
+    def _answer_pushes(self, jobs: list[Job], step_logits: dict) -> None:
+        """The answers of a round's single-token pushes, read off the batch at once (one argmax, one position
+        read) rather than row by row: at a few hundred streams per round the per-row tensor calls added up."""
+        sids = [job.session_id for job in jobs]
+        outputs = torch.stack([step_logits[sid] for sid in sids])  # (n, V) or (n, out_features)
+        positions = self.pool.positions(sids)
+        best = None if self.series else outputs.argmax(dim=-1).tolist()
+        for i, job in enumerate(jobs):
+            answer = {"id": job.session_id, "object": "session.push", "position": positions[i]}
+            if self.series:
+                answer.update(self._series_outputs(outputs[i : i + 1], job.return_logits))
+            else:
+                answer["next_tokens"] = [best[i]]
+                if job.return_logits:
+                    answer["logits"] = [outputs[i].float().tolist()]
+            job.result = answer
+        self.stats["tokens_pushed"] += len(jobs)
 
     def _after_step(self, job: Job, logits, done: list) -> None:
         if job.kind == "push":
@@ -571,7 +646,11 @@ class Engine:
         try:
             for entry in entries:
                 tokens = entry.tokens
-                if not isinstance(tokens, list) or not tokens or \
+                if self.series:
+                    if not isinstance(tokens, list) or not tokens or \
+                            not all(is_observation(row, self.model.channels) for row in tokens):
+                        raise StateBlobError(f"log entry at position {entry.position} holds no valid observations")
+                elif not isinstance(tokens, list) or not tokens or \
                         not all(type(t) is int and 0 <= t < self.model.vocab_size for t in tokens):
                     raise StateBlobError(f"log entry at position {entry.position} holds no valid token ids")
                 if entry.position != self.pool.position(sid) + len(tokens):
@@ -610,22 +689,27 @@ class Engine:
         self.stats["evicted"] += 1
 
     def _step(self, steps: dict[str, int]) -> dict:
-        if self.pad and len(steps) == 1:
-            if PAD_ID in self.pool and self._pad_steps >= PAD_RESET_STEPS:
-                self.pool.close(PAD_ID)
-            if PAD_ID not in self.pool:
-                self.pool.open(PAD_ID)
+        if len(steps) < self.min_batch:
+            if self._pad_steps >= PAD_RESET_STEPS:
+                for pad in PAD_IDS:
+                    if pad in self.pool:
+                        self.pool.close(pad)
                 self._pad_steps = 0
+            pads = PAD_IDS[: self.min_batch - len(steps)]
+            for pad in pads:
+                if pad not in self.pool:
+                    self.pool.open(pad)
             self._pad_steps += 1
-            out = self.pool.step({**steps, PAD_ID: 0})
-            out.pop(PAD_ID)
+            out = self.pool.step({**steps, **dict.fromkeys(pads, self.pad_input)})
+            for pad in pads:
+                out.pop(pad)
         else:
             out = self.pool.step(steps)
         self.stats["steps"] += 1
         self.stats["batch_rows"] += len(steps)
         if not self._replaying:
-            for sid, token in steps.items():
-                self._fed.setdefault(sid, []).append(LogEntry(self.pool.position(sid), [token], True))
+            for (sid, token), position in zip(steps.items(), self.pool.positions(steps)):
+                self._fed.setdefault(sid, []).append(LogEntry(position, [token], True))
         return out
 
     def _feed(self, sid: str, tokens: list[int], keep_logits: bool):
@@ -645,18 +729,35 @@ class Engine:
         return self._push_result(sid, self.pool.position(sid), logits, job.return_logits)
 
     def _push_result(self, sid: str, position: int, logits, return_logits: bool) -> dict:
-        out = {"id": sid, "object": "session.push", "position": position,
-               "next_tokens": [int(i) for i in logits.argmax(dim=-1).tolist()]}
+        out = {"id": sid, "object": "session.push", "position": position}
+        if self.series:
+            out.update(self._series_outputs(logits, return_logits))
+            return out
+        out["next_tokens"] = [int(i) for i in logits.argmax(dim=-1).tolist()]
         if return_logits:
             out["logits"] = logits.float().tolist()
+        return out
+
+    def _series_outputs(self, outputs, return_logits: bool) -> dict:
+        """A series model's outputs (n, out_features), one row per observation: "predictions" (a regression
+        head's values, e.g. a forecast) or "probabilities" and "classes" (a classifier's softmax and argmax)."""
+        if self.model.task != "classify":
+            return {"predictions": outputs.float().tolist()}
+        out = {"classes": [int(i) for i in outputs.argmax(dim=-1).tolist()],
+               "probabilities": torch.softmax(outputs.float(), dim=-1).tolist()}
+        if return_logits:
+            out["logits"] = outputs.float().tolist()
         return out
 
     def _describe(self, sid: str) -> dict:
         last = self.pool.last_logits(sid)
         serve = self.meta[sid]["serve"]
-        out = {"id": sid, "object": "session", "position": self.pool.position(sid),
-               "next_token": None if last is None else int(last.argmax()),
-               "state_bytes": self.pool.session(sid).nbytes()}
+        out = {"id": sid, "object": "session", "position": self.pool.position(sid)}
+        if self.series:  # the outputs after the last observation, as a push answered them (none before the first)
+            out.update(self._series_outputs(last[None], False) if last is not None else {})
+        else:
+            out["next_token"] = None if last is None else int(last.argmax())
+        out["state_bytes"] = self.pool.session(sid).nbytes()
         if "chat" in serve:
             out["messages"] = list(serve["chat"]["messages"])
         return out

@@ -90,13 +90,19 @@ def build(args):
     if args.no_auth and args.host not in ("127.0.0.1", "localhost", "::1"):
         raise ValueError(f"--no-auth serves anyone who can connect; refused on {args.host} (use loopback or keys)")
     folder = hub.resolve(args.model)
-    model = leanseq.load(folder)
-    try:
-        from leanseq.text.tokenizer import load_tokenizer
+    tokenizer = None
+    if (Path(folder) / "series_config.json").is_file():  # a leanseq.series.SeriesModel: observations in
+        from leanseq.series.encoder import SeriesModel
 
-        tokenizer = load_tokenizer(folder)
-    except FileNotFoundError:
-        tokenizer = None  # a token-id model: sessions work, the text endpoints answer 400
+        model = SeriesModel.load(folder)
+    else:
+        model = leanseq.load(folder)
+        try:
+            from leanseq.text.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(folder)
+        except FileNotFoundError:
+            pass  # a token-id model: sessions work, the text endpoints answer 400
     store = SQLiteStore(args.db, synchronous=args.sync)
     engine = Engine(model, store, tokenizer=tokenizer, max_sessions_per_key=args.max_sessions_per_key,
                     idle_seconds=args.idle_seconds, max_live=args.max_live, meter=Meter(reset_peak_rss=False))
@@ -140,8 +146,10 @@ def run_serve(args) -> int:
         engine.stop()
         raise OSError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from exc
     host, port = sock.getsockname()[:2]
+    kind = (f", series model: {engine.model.channels} channel(s) in, {engine.model.task} out" if engine.series
+            else ", no tokenizer" if engine.tokenizer is None else "")
     print(f"leanseq serve: {config.model_name} ({sum(p.numel() for p in engine.model.parameters()):,} parameters"
-          f"{', no tokenizer' if engine.tokenizer is None else ''}) on http://{host}:{port} "
+          f"{kind}) on http://{host}:{port} "
           f"(store {args.db}, {len(engine.owners)} stored sessions)", file=sys.stderr, flush=True)
     # everything loaded so far (torch, the model, the app) lives as long as the server: keep it out of the cyclic
     # garbage collector's full passes, which otherwise scan it all and stalled a round by ~90 ms under load

@@ -130,6 +130,12 @@ class SessionPool:
     def position(self, session_id) -> int:
         return int(self._state.position[self._check_id(session_id)])
 
+    def positions(self, session_ids) -> list[int]:
+        """position() of several sessions, read off the batched state at once."""
+        rows = [self._check_id(sid) for sid in session_ids]
+        every = self._state.position.tolist()
+        return [every[r] for r in rows]
+
     def last_logits(self, session_id) -> torch.Tensor | None:
         """Logits (V,) after the session's last consumed token, or None before its first."""
         self._check_id(session_id)
@@ -177,18 +183,7 @@ class SessionPool:
             raise ValueError("step needs at least one {session_id: token}")
         ids = list(tokens)
         rows = [self._check_id(sid) for sid in ids]
-        token_list = []
-        for sid in ids:
-            try:
-                ids_2d, _kind = coerce_tokens(self.model, tokens[sid], batch_size=1)
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"session {sid!r}: {exc}") from exc
-            if ids_2d.numel() != 1:
-                raise ValueError(
-                    f"session {sid!r}: step takes one token per session, got {ids_2d.numel()}; use push() for a prompt"
-                )
-            token_list.append(ids_2d[0])
-        token_ids = torch.cat(token_list)  # (n,)
+        token_ids = self._one_each(ids, tokens)  # (n,) token ids, or (n, channels) observations
         if len(rows) == len(self._ids):
             # every session (ids are unique, so every row once): step the batched state as it is, no copies
             index = torch.as_tensor(rows, device=token_ids.device)
@@ -203,6 +198,36 @@ class SessionPool:
             out[sid] = logits[i]
             self._last_logits[sid] = logits[i]
         return out
+
+    def _one_each(self, ids: list, tokens: Mapping) -> torch.Tensor:
+        """One input per session as one tensor: (n,) token ids or, for a model that reads other inputs (a series
+        model's observations), (n, ...). Plain ints (a server's usual step) become one tensor checked once; any
+        other form goes through coerce_tokens row by row, whose errors name the session."""
+        values = [tokens[sid] for sid in ids]
+        coerce = getattr(self.model, "coerce_stream_input", None)
+        try:
+            if coerce is None and all(type(v) is int for v in values):
+                token_ids = torch.tensor(values, dtype=torch.long, device=self.model.device)
+                self.model.check_input_ids(token_ids, rank=1, what="token ids")
+                return token_ids
+            if coerce is not None and all(type(v) is list for v in values):  # e.g. one observation per session
+                batch, _kind = coerce(torch.tensor(values, dtype=torch.float64), len(values))  # (n, 1, ...)
+                if batch.shape[1] == 1:
+                    return batch[:, 0]
+        except (TypeError, ValueError):
+            pass  # coerce each below: the error then names the session
+        token_list = []
+        for sid, value in zip(ids, values):
+            try:
+                ids_2d, _kind = coerce_tokens(self.model, value, batch_size=1)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"session {sid!r}: {exc}") from exc
+            if ids_2d.shape[1] != 1:  # (1, n) token ids, or (1, n, channels) observations of a series model
+                raise ValueError(
+                    f"session {sid!r}: step takes one token per session, got {ids_2d.shape[1]}; use push() for a prompt"
+                )
+            token_list.append(ids_2d[0])
+        return torch.cat(token_list)
 
     @torch.no_grad()
     def push(self, session_id, token_ids, keep_logits: bool = True) -> torch.Tensor:
