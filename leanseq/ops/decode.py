@@ -41,13 +41,13 @@ from leanseq.ops.export_mode import is_exporting
 _SOURCE = Path(__file__).parent / "csrc" / "decode_step.c"
 
 # Layout shared with csrc/decode_step.c (enums CFG_*, FP_*, G_*, L_*, S_*); PLAN_VERSION guards mismatches.
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 _CFG = ("version", "family", "layers", "hidden", "vocab", "d_inner", "n_state", "rank", "heads", "head_dim",
         "groups", "kernel", "conv_ch", "in_rows", "xp_rows", "flags")
 _FP = ("eps", "dt_lo", "dt_hi")
 _G = ("embed", "norm_f", "head_w", "head_s", "head_b")
 _L = ("norm", "in_w", "in_s", "in_b", "conv_w", "conv_b", "xp_w", "xp_s", "dt_w", "dt_b", "A_log", "D",
-      "out_w", "out_s", "out_b", "lti_dt", "lti_B", "lti_C", "gnorm")
+      "out_w", "out_s", "out_b", "lti_dt", "lti_B", "lti_C", "gnorm", "A_cache")
 FLAG_LTI, FLAG_DTHI, FLAG_DTLO, FLAG_EMBED_I8 = 1, 2, 4, 8
 _ERRORS = {1: "plan layout/version", 2: "family", 3: "a size below 1", 4: "inconsistent sizes",
            5: "batch size", 6: "conv state size", 7: "ssm state size", 8: "logits size", 9: "scratch size",
@@ -248,7 +248,7 @@ class Plan:
         layers = list(model.backbone.layers)
         H, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
         K = cfg.conv_kernel
-        keep, slots = [], []
+        keep, slots, a_caches = [], [], []
 
         def ptr(t):
             if t is None:
@@ -311,13 +311,17 @@ class Plan:
                 s["dt_w"] = dt_w
                 s["A_log"] = _need(m.A_log, (D, N), name + ".A_log")
                 s["D"] = _need(m.D, (D,), name + ".D")
+                # the kernel's cache of -exp(A_log) with the A_log bytes it came from (refresh_A in the C file)
+                a_cache = torch.zeros(2 * D * N + D, dtype=torch.float32)
+                a_caches.append(a_cache)
+                s["A_cache"] = a_cache.data_ptr()
             else:
                 s["dt_b"] = _need(m.dt_bias, (NH,), name + ".dt_bias")
                 s["A_log"] = _need(m.A_log, (NH,), name + ".A_log")
                 s["D"] = _need(m.D, (NH,), name + ".D")
                 s["gnorm"] = _need(m.norm.weight, (D,), name + ".norm.weight")
                 eps.add(m.norm.eps)
-            slots += [ptr(s[k]) for k in _L]
+            slots += [(s[k] or 0) if k == "A_cache" else ptr(s[k]) for k in _L]
         if len(eps) != 1:
             raise Unsupported(f"the norms use different eps values {sorted(eps)}")
         values = dict(version=PLAN_VERSION, family=family, layers=L, hidden=H, vocab=V, kernel=K, flags=flags,
@@ -327,6 +331,7 @@ class Plan:
         self.fp = torch.tensor([eps.pop(), dt_lo, dt_hi], dtype=torch.float64)
         self.ptrs = torch.tensor(slots, dtype=torch.int64)
         self.keep = keep  # the tensors whose addresses are in ptrs stay alive as long as the plan
+        self.a_caches = a_caches  # the kernel's own (not weights: left out of keep)
         self.conv_shape = (L, CC, K - 1)
         self.ssm_row = (D, N) if family == 1 else (sizes["heads"], sizes["head_dim"], N)
         self.per_row = 2 * H + sizes["in_rows"] + CC + sizes["xp_rows"] + D
