@@ -212,7 +212,8 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
         if not (type(self).check_state is LanguageModel.check_state and type(state) is self.state_class
                 and state._vouched_for(self, placement) and state.position.shape == (batch,)):
             self.check_state(state, batch)
-        token_ids = token_ids.long()
+        if token_ids.dtype != torch.long:
+            token_ids = token_ids.long()
         out = self._native_step(token_ids, state)  # range-checks the ids itself, with check_input_ids' error
         if out is None:
             self.check_input_ids(token_ids, rank=1, what="token_ids")

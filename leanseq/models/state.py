@@ -153,15 +153,17 @@ def _version(t: torch.Tensor) -> int | None:
 _get_version = operator.attrgetter("_version")
 
 
-_is_inference = torch.Tensor.is_inference
-
-
 def _versions(tensors) -> tuple[int | None, ...]:
-    # asked first, not tried: reading an inference tensor's _version raises a c10::Error, which records a C++
-    # backtrace (~20 us: a whole tiny decode step) on every call
-    if any(map(_is_inference, tensors)):  # an inference tensor has no version counter
-        return tuple(map(_version, tensors))
-    return tuple(map(_get_version, tensors))
+    # Inference tensors have no version counter, and reading one raises a c10::Error, which records a C++
+    # backtrace (~20 us: a whole tiny decode step). Outside inference mode (where a step's new tensors are
+    # never inference tensors) the counters are read at once, and the error is only a fallback; inside it,
+    # each tensor is asked first.
+    if not torch.is_inference_mode_enabled():
+        try:
+            return tuple(map(_get_version, tensors))
+        except RuntimeError:  # an inference tensor made earlier, inside inference mode
+            pass
+    return tuple(map(_version, tensors))
 
 
 _FIELDS: dict[type, tuple[tuple[str, ...], Callable[[object], tuple]]] = {}

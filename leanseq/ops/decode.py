@@ -417,7 +417,10 @@ def _batch_layout(plan: Plan, batch: int):
     sizes = (ctypes.c_int64 * len(_SIZES))(batch, conv.numel(), ssm.numel(), conv.numel(), ssm.numel(), batch,
                                            batch, batch * plan.vocab, need, plan.ptrs.numel())
     head = (*plan.args_fixed, ctypes.addressof(sizes), len(_SIZES))
-    layout = (conv, ssm, sizes, need, head, plan.thread_cap(batch))
+    # one C++ check that conv, ssm, position and token ids are exactly what the kernel reads: float32 / int64
+    # on the CPU, these shapes, contiguous, no gradient (see _layout_guard; only its "yes" is relied on)
+    expected = (torch.empty(conv), torch.empty(ssm), torch.empty(batch, dtype=_I64), torch.empty(batch, dtype=_I64))
+    layout = (conv, ssm, sizes, need, head, plan.thread_cap(batch), _layout_guard(expected))
     plan.layouts[batch] = layout
     return layout
 
@@ -445,16 +448,18 @@ def try_step(model, token_ids: torch.Tensor, state):
     if torch.is_grad_enabled() and (conv.requires_grad or ssm.requires_grad or plan.trainable()):
         return None  # autograd wants a graph: the eager ops record one
     batch = token_ids.shape[0]
-    conv_shape, ssm_shape, _, need, head, cap = plan.layouts.get(batch) or _batch_layout(plan, batch)
-    if conv.dtype != _F32 or ssm.dtype != _F32 or not (conv.is_cpu and ssm.is_cpu and pos.is_cpu):
-        return None  # not float32 CPU state: the eager path handles (or refuses) it
-    if conv.shape != conv_shape:
-        _refuse_shape(conv, conv_shape, "conv")  # wrong sizes never reach native code
-    if ssm.shape != ssm_shape:
-        _refuse_shape(ssm, ssm_shape, "ssm")
-    if pos.dtype != _I64 or pos.shape != token_ids.shape or token_ids.dtype != _I64:
-        return None
-    conv, ssm, pos, tokens = conv.contiguous(), ssm.contiguous(), pos.contiguous(), token_ids.contiguous()
+    conv_shape, ssm_shape, _, need, head, cap, state_guard = plan.layouts.get(batch) or _batch_layout(plan, batch)
+    tokens = token_ids
+    if state_guard is None or not state_guard(conv, ssm, pos, tokens):  # else all of the below holds already
+        if conv.dtype != _F32 or ssm.dtype != _F32 or not (conv.is_cpu and ssm.is_cpu and pos.is_cpu):
+            return None  # not float32 CPU state: the eager path handles (or refuses) it
+        if conv.shape != conv_shape:
+            _refuse_shape(conv, conv_shape, "conv")  # wrong sizes never reach native code
+        if ssm.shape != ssm_shape:
+            _refuse_shape(ssm, ssm_shape, "ssm")
+        if pos.dtype != _I64 or pos.shape != token_ids.shape or token_ids.dtype != _I64:
+            return None
+        conv, ssm, pos, tokens = conv.contiguous(), ssm.contiguous(), pos.contiguous(), token_ids.contiguous()
     scratch = plan.scratch
     if scratch.numel() < need:
         scratch = plan.scratch = torch.empty(need)
