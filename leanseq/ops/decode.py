@@ -10,9 +10,11 @@ recording and something requires a gradient, or the model has a part this kernel
 The plan. A model's plan is built on its first step: the model's sizes and one pointer per weight. Weights are
 not copied: nn.Linear's (out, in) layout already suits matrix-vector products, so the kernel reads the
 parameters' own memory, and in-place edits (optimizer steps, `load_state_dict`, `.copy_()`, writes through
-`.data[...]`) are seen by the next step with no invalidation. Nothing derived from weights is cached either
-(A = -exp(A_log) is recomputed inside the step; it costs one exp per (channel, state) per layer, as much as
-the scan itself already does). What a plan can get wrong is only *which* tensors it points at, so before each
+`.data[...]`) are seen by the next step with no invalidation. One thing derived from weights is kept: Mamba-1's
+A = -exp(A_log) (one exp per (channel, state) per layer, as many as the scan's own), in a per-plan cache beside
+a copy of the A_log bytes it came from; the kernel compares A_log with that copy (memcmp) on every step and
+recomputes on any difference, so a write by any route (none of which it can be told about) is seen by the next
+step. What a plan can get wrong otherwise is only *which* tensors it points at, so before each
 step it checks, in a few microseconds, that every module, parameter and buffer of the model is still the same
 object at the same address with the same strides (a replaced Linear, a `param.data = other` swap, a view such
 as `param.data = param.data.t()` or a `.to()` rebuild the plan).
