@@ -175,7 +175,8 @@ def _snapshot(model: nn.Module):
     return edges, tensors, _addresses(tensors), _layouts(tensors)
 
 
-_data_ptr, _stride, _shape = torch.Tensor.data_ptr, torch.Tensor.stride, operator.attrgetter("shape")
+_data_ptr, _stride = torch.Tensor.data_ptr, torch.Tensor.stride
+_shape, _dtype = operator.attrgetter("shape"), operator.attrgetter("dtype")
 
 
 def _addresses(tensors) -> tuple[int, ...]:
@@ -183,8 +184,9 @@ def _addresses(tensors) -> tuple[int, ...]:
 
 
 def _layouts(tensors) -> tuple[tuple, ...]:
-    """Strides and shapes: a same-address view keeps neither (`.t()`, expand, a narrowed first dimension)."""
-    return tuple(map(_stride, tensors)), tuple(map(_shape, tensors))
+    """Strides, shapes and dtypes: a same-address view keeps neither (`.t()`, expand, a narrowed first
+    dimension, `.view(torch.int32)` of a frozen weight)."""
+    return tuple(map(_stride, tensors)), tuple(map(_shape, tensors)), tuple(map(_dtype, tensors))
 
 
 _requires_grad = operator.attrgetter("requires_grad")

@@ -123,6 +123,12 @@ def _data_reshaped_view(m):
     w.data = w.data.view(w.shape[1], w.shape[0])  # same address, contiguous, other shape
 
 
+def _data_other_dtype(m):
+    d = m.backbone.layers[1].mixer.D
+    d.requires_grad_(False)  # (a tensor that requires grad cannot take integer data)
+    d.data = d.data.view(torch.int32)  # same address, shape and strides; other bits
+
+
 def _replaced_module(m):
     old = m.backbone.layers[0].mixer.x_proj
     new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
@@ -143,7 +149,7 @@ def _deleted(m):
 
 
 _SWAPS = [_data_other, _data_transposed_view, _data_expanded_view, _data_narrowed_view, _data_reshaped_view,
-          _replaced_module, _assign, _to, _deleted]
+          _data_other_dtype, _replaced_module, _assign, _to, _deleted]
 
 
 @pytest.mark.parametrize("guarded", [True, False])
