@@ -12,6 +12,7 @@ Not part of make test.
 from __future__ import annotations
 
 import argparse
+import array
 import importlib.resources
 import time
 
@@ -29,6 +30,25 @@ def best_us(fn, steps: int, repeats: int) -> float:
             fn()
         best = min(best, (time.process_time() - t) / steps)
     return best * 1e6
+
+
+def _compiled_call(model, tok, state):
+    """The kernel call try_step makes, with its arguments packed once (what is left of a step without Python)."""
+    plan = model._native_decode_plan
+    head = plan.layouts[1][4]  # the packed arguments up to the batch size (decode._batch_layout)
+    out = [torch.empty_like(t) for t in (state.conv, state.ssm, state.position)] + [torch.empty(1, model.vocab_size)]
+    args = array.array("q", (*head, tok.data_ptr(), 1, state.conv.data_ptr(), state.ssm.data_ptr(), out[0].data_ptr(),
+                             out[1].data_ptr(), state.position.data_ptr(), out[2].data_ptr(), out[3].data_ptr(),
+                             plan.scratch.data_ptr(), 1))
+    fn, address = decode._lib.leanseq_ssm_decode_packed, args.buffer_info()[0]
+
+    keep = (args, out)  # the memory the packed pointers point at lives as long as this closure
+
+    def call():
+        if fn(address, decode._PACKED_LEN) != 0 or keep is None:
+            raise RuntimeError("the kernel refused its arguments")
+
+    return call
 
 
 def main() -> None:
@@ -49,6 +69,7 @@ def main() -> None:
             _, box["s"] = model.step(tok, box["s"])
 
         outside = state.clone()  # an equal state the model did not return: validated in full every step
+        call = _compiled_call(model, tok, state)
         parts = {
             "model.step (native, vouched state)": native_step,
             "model.step (native, unvouched state)": lambda: model.step(tok, outside),
@@ -56,6 +77,7 @@ def main() -> None:
             "  check_state (vouched)": lambda: model.check_state(state, 1),
             "  check_state (unvouched, full)": lambda: model.check_state(outside, 1, check_values=True),
             "  _native_step": lambda: model._native_step(tok, state),
+            "    the compiled call alone (ctypes + C)": call,
             "  plan_for": lambda: decode.plan_for(model),
             "  _vouch": lambda: state._vouch(model),
             "  model.dtype": lambda: model.dtype,

@@ -25,7 +25,7 @@ from torch import nn
 from leanseq.models import checkpoint as ckpt
 from leanseq.models.config import ConfigBase
 from leanseq.models.generation import as_prompt_tensor, stream_tokens
-from leanseq.models.state import State, TensorSpec, validate_state
+from leanseq.models.state import State, TensorSpec, _placement, validate_state
 from leanseq.ops.export_mode import is_exporting
 
 
@@ -206,14 +206,20 @@ class LanguageModel(nn.Module, metaclass=abc.ABCMeta):
     def step(self, token_ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """Consume one token per row: token_ids (B,) -> (logits (B, V), new state)."""
         self.check_input_ids(token_ids, rank=1, what="token_ids", check_range=False)
-        self.check_state(state, token_ids.shape[0])
-        token_ids = token_ids.long()
+        batch = token_ids.shape[0]
+        placement = _placement(self)  # read once: the vouch check and the new state's mark both compare it
+        # a state this model returned and nobody changed since skips check_state (unless a family adds checks)
+        if not (type(self).check_state is LanguageModel.check_state and type(state) is self.state_class
+                and state._vouched_for(self, placement) and state.position.shape == (batch,)):
+            self.check_state(state, batch)
+        if token_ids.dtype != torch.long:
+            token_ids = token_ids.long()
         out = self._native_step(token_ids, state)  # range-checks the ids itself, with check_input_ids' error
         if out is None:
             self.check_input_ids(token_ids, rank=1, what="token_ids")
             out = self._step(token_ids, state)
         logits, new_state = out
-        new_state._vouch(self)
+        new_state._vouch(self, placement)
         return logits, new_state
 
     def eos_token_ids(self) -> list[int]:

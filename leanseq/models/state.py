@@ -67,15 +67,17 @@ class State:
         self._trusted_tensors = tuple(map(weakref.ref, tensors))
         self._trusted_versions = _versions(tensors)
 
-    def _vouch(self, model) -> None:
+    def _vouch(self, model, placement: tuple | None = None) -> None:
         """Mark this state as `model`'s own output: while none of its tensors changes and the model keeps its
-        dtype and device, check_state may skip it altogether (a decode step is then not taxed by the check)."""
+        dtype and device, check_state may skip it altogether (a decode step is then not taxed by the check).
+        `placement`: the model's (dtype, device) when the caller already has it (model.step reads it once)."""
         self._trust()
-        self._vouched_by = (weakref.ref(model), _placement(model))
+        self._vouched_by = (weakref.ref(model), _placement(model) if placement is None else placement)
 
-    def _vouched_for(self, model) -> bool:
+    def _vouched_for(self, model, placement: tuple | None = None) -> bool:
         mark = getattr(self, "_vouched_by", None)
-        return mark is not None and mark[0]() is model and mark[1] == _placement(model) and self._is_trusted()
+        return (mark is not None and mark[0]() is model
+                and mark[1] == (_placement(model) if placement is None else placement) and self._is_trusted())
 
     def _is_trusted(self) -> bool:
         refs = getattr(self, "_trusted_tensors", None)
@@ -90,7 +92,11 @@ class State:
         for ref, t in zip(refs, tensors):
             if ref() is not t:
                 return False
-        return _versions(tensors) == self._trusted_versions
+        versions = self._trusted_versions
+        if None in versions:  # an inference tensor among them (they have no version counter)
+            return _versions(tensors) == versions
+        # the same objects as when trusted, none an inference tensor then, so none now: read the counters directly
+        return tuple(map(_get_version, tensors)) == versions
 
     def _map(self, fn_layered, fn_position) -> State:
         out = {}
@@ -147,15 +153,17 @@ def _version(t: torch.Tensor) -> int | None:
 _get_version = operator.attrgetter("_version")
 
 
-_is_inference = torch.Tensor.is_inference
-
-
 def _versions(tensors) -> tuple[int | None, ...]:
-    # asked first, not tried: reading an inference tensor's _version raises a c10::Error, which records a C++
-    # backtrace (~20 us: a whole tiny decode step) on every call
-    if any(map(_is_inference, tensors)):  # an inference tensor has no version counter
-        return tuple(map(_version, tensors))
-    return tuple(map(_get_version, tensors))
+    # Inference tensors have no version counter, and reading one raises a c10::Error, which records a C++
+    # backtrace (~20 us: a whole tiny decode step). Outside inference mode (where a step's new tensors are
+    # never inference tensors) the counters are read at once, and the error is only a fallback; inside it,
+    # each tensor is asked first.
+    if not torch.is_inference_mode_enabled():
+        try:
+            return tuple(map(_get_version, tensors))
+        except RuntimeError:  # an inference tensor made earlier, inside inference mode
+            pass
+    return tuple(map(_version, tensors))
 
 
 _FIELDS: dict[type, tuple[tuple[str, ...], Callable[[object], tuple]]] = {}

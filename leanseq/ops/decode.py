@@ -10,9 +10,11 @@ recording and something requires a gradient, or the model has a part this kernel
 The plan. A model's plan is built on its first step: the model's sizes and one pointer per weight. Weights are
 not copied: nn.Linear's (out, in) layout already suits matrix-vector products, so the kernel reads the
 parameters' own memory, and in-place edits (optimizer steps, `load_state_dict`, `.copy_()`, writes through
-`.data[...]`) are seen by the next step with no invalidation. Nothing derived from weights is cached either
-(A = -exp(A_log) is recomputed inside the step; it costs one exp per (channel, state) per layer, as much as
-the scan itself already does). What a plan can get wrong is only *which* tensors it points at, so before each
+`.data[...]`) are seen by the next step with no invalidation. One thing derived from weights is kept: Mamba-1's
+A = -exp(A_log) (one exp per (channel, state) per layer, as many as the scan's own), in a per-plan cache beside
+a copy of the A_log bytes it came from; the kernel compares A_log with that copy (memcmp) on every step and
+recomputes on any difference, so a write by any route (none of which it can be told about) is seen by the next
+step. What a plan can get wrong otherwise is only *which* tensors it points at, so before each
 step it checks, in a few microseconds, that every module, parameter and buffer of the model is still the same
 object at the same address with the same strides (a replaced Linear, a `param.data = other` swap, a view such
 as `param.data = param.data.t()` or a `.to()` rebuild the plan).
@@ -41,13 +43,13 @@ from leanseq.ops.export_mode import is_exporting
 _SOURCE = Path(__file__).parent / "csrc" / "decode_step.c"
 
 # Layout shared with csrc/decode_step.c (enums CFG_*, FP_*, G_*, L_*, S_*); PLAN_VERSION guards mismatches.
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 _CFG = ("version", "family", "layers", "hidden", "vocab", "d_inner", "n_state", "rank", "heads", "head_dim",
         "groups", "kernel", "conv_ch", "in_rows", "xp_rows", "flags")
 _FP = ("eps", "dt_lo", "dt_hi")
 _G = ("embed", "norm_f", "head_w", "head_s", "head_b")
 _L = ("norm", "in_w", "in_s", "in_b", "conv_w", "conv_b", "xp_w", "xp_s", "dt_w", "dt_b", "A_log", "D",
-      "out_w", "out_s", "out_b", "lti_dt", "lti_B", "lti_C", "gnorm")
+      "out_w", "out_s", "out_b", "lti_dt", "lti_B", "lti_C", "gnorm", "A_cache")
 FLAG_LTI, FLAG_DTHI, FLAG_DTLO, FLAG_EMBED_I8 = 1, 2, 4, 8
 _ERRORS = {1: "plan layout/version", 2: "family", 3: "a size below 1", 4: "inconsistent sizes",
            5: "batch size", 6: "conv state size", 7: "ssm state size", 8: "logits size", 9: "scratch size",
@@ -173,7 +175,8 @@ def _snapshot(model: nn.Module):
     return edges, tensors, _addresses(tensors), _layouts(tensors)
 
 
-_data_ptr, _stride, _shape = torch.Tensor.data_ptr, torch.Tensor.stride, operator.attrgetter("shape")
+_data_ptr, _stride = torch.Tensor.data_ptr, torch.Tensor.stride
+_shape, _dtype = operator.attrgetter("shape"), operator.attrgetter("dtype")
 
 
 def _addresses(tensors) -> tuple[int, ...]:
@@ -181,8 +184,9 @@ def _addresses(tensors) -> tuple[int, ...]:
 
 
 def _layouts(tensors) -> tuple[tuple, ...]:
-    """Strides and shapes: a same-address view keeps neither (`.t()`, expand, a narrowed first dimension)."""
-    return tuple(map(_stride, tensors)), tuple(map(_shape, tensors))
+    """Strides, shapes and dtypes: a same-address view keeps neither (`.t()`, expand, a narrowed first
+    dimension, `.view(torch.int32)` of a frozen weight)."""
+    return tuple(map(_stride, tensors)), tuple(map(_shape, tensors)), tuple(map(_dtype, tensors))
 
 
 _requires_grad = operator.attrgetter("requires_grad")
@@ -204,12 +208,39 @@ def _layout_guard(tensors):
     return guard.check if ok else None
 
 
+def _find_dict_version():
+    """A function returning a dict's version tag (PEP 509: it changes with every change to the dict), or None.
+    CPython keeps the tag internal; torch's Dynamo exposes it (a private API). It is used only after it proves
+    here that it sees insertion, replacement and deletion, so a torch or Python where it means something else
+    falls back to the exact comparison."""
+    try:
+        from torch._C._dynamo.guards import dict_version
+
+        probe = {}
+        seen = [dict_version(probe)]
+        probe["a"] = 1
+        seen.append(dict_version(probe))
+        probe["a"] = 2
+        seen.append(dict_version(probe))
+        del probe["a"]
+        seen.append(dict_version(probe))
+    except Exception:  # noqa: BLE001 - a private API: any failure means "not available"
+        return None
+    return dict_version if len(set(seen)) == len(seen) and all(type(v) is int for v in seen) else None
+
+
+_dict_version = _find_dict_version()
+
+
 class Plan:
     """Sizes and weight pointers of one model, plus its scratch buffer. Built by `plan_for`."""
 
     def __init__(self, model):
         # strong references: while the plan lives no object it saw can be freed (nor its id reused)
         self.edges, self.tensors, self.addresses, self.tensor_layouts = _snapshot(model)
+        # the module tree's dicts, and their version tags (read before the walk that built `edges`: see fresh)
+        self.dicts = tuple({id(d): d for d, _, _ in self.edges}.values())
+        self.dict_versions = None
         self.layout_guard = _layout_guard(self.tensors)
         self.error: str | None = None
         try:
@@ -223,13 +254,21 @@ class Plan:
         load_state_dict(assign=True), a deleted one) fails the first test; a swapped storage (`p.data = other`,
         `.to()`) the second; a view of the same memory (`p.data = p.data.t()`, an expanded or narrowed view)
         the third (one C++ call, _layout_guard, where torch has it; else, and whenever it says no, compared
-        here). Runs before every step, ~4 us for the demo model's 51 entries and 22 tensors."""
-        try:
-            for d, key, obj in self.edges:
-                if d[key] is not obj:
-                    return False
-        except KeyError:
-            return False
+        here). Runs before every step, ~4.8 us for the demo model's 51 entries in 24 dicts and 22 tensors.
+
+        The first test is skipped while none of the dicts changed at all since it last passed (their version
+        tags, one C call each, where _dict_version is available); any change to any of them (even a harmless
+        new key) runs it again, and its pass re-arms the shortcut. Tags are read before the test, so a change
+        made meanwhile still shows at the next step."""
+        versions = None if _dict_version is None else tuple(map(_dict_version, self.dicts))
+        if versions is None or versions != self.dict_versions:
+            try:
+                for d, key, obj in self.edges:
+                    if d[key] is not obj:
+                        return False
+            except KeyError:
+                return False
+            self.dict_versions = versions
         tensors = self.tensors
         if _addresses(tensors) != self.addresses:
             return False
@@ -248,7 +287,7 @@ class Plan:
         layers = list(model.backbone.layers)
         H, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
         K = cfg.conv_kernel
-        keep, slots = [], []
+        keep, slots, a_caches = [], [], []
 
         def ptr(t):
             if t is None:
@@ -311,13 +350,17 @@ class Plan:
                 s["dt_w"] = dt_w
                 s["A_log"] = _need(m.A_log, (D, N), name + ".A_log")
                 s["D"] = _need(m.D, (D,), name + ".D")
+                # the kernel's cache of -exp(A_log) with the A_log bytes it came from (refresh_A in the C file)
+                a_cache = torch.zeros(2 * D * N + D, dtype=torch.float32)
+                a_caches.append(a_cache)
+                s["A_cache"] = a_cache.data_ptr()
             else:
                 s["dt_b"] = _need(m.dt_bias, (NH,), name + ".dt_bias")
                 s["A_log"] = _need(m.A_log, (NH,), name + ".A_log")
                 s["D"] = _need(m.D, (NH,), name + ".D")
                 s["gnorm"] = _need(m.norm.weight, (D,), name + ".norm.weight")
                 eps.add(m.norm.eps)
-            slots += [ptr(s[k]) for k in _L]
+            slots += [(s[k] or 0) if k == "A_cache" else ptr(s[k]) for k in _L]
         if len(eps) != 1:
             raise Unsupported(f"the norms use different eps values {sorted(eps)}")
         values = dict(version=PLAN_VERSION, family=family, layers=L, hidden=H, vocab=V, kernel=K, flags=flags,
@@ -327,6 +370,7 @@ class Plan:
         self.fp = torch.tensor([eps.pop(), dt_lo, dt_hi], dtype=torch.float64)
         self.ptrs = torch.tensor(slots, dtype=torch.int64)
         self.keep = keep  # the tensors whose addresses are in ptrs stay alive as long as the plan
+        self.a_caches = a_caches  # the kernel's own (not weights: left out of keep)
         self.conv_shape = (L, CC, K - 1)
         self.ssm_row = (D, N) if family == 1 else (sizes["heads"], sizes["head_dim"], N)
         self.per_row = 2 * H + sizes["in_rows"] + CC + sizes["xp_rows"] + D
@@ -377,7 +421,10 @@ def _batch_layout(plan: Plan, batch: int):
     sizes = (ctypes.c_int64 * len(_SIZES))(batch, conv.numel(), ssm.numel(), conv.numel(), ssm.numel(), batch,
                                            batch, batch * plan.vocab, need, plan.ptrs.numel())
     head = (*plan.args_fixed, ctypes.addressof(sizes), len(_SIZES))
-    layout = (conv, ssm, sizes, need, head, plan.thread_cap(batch))
+    # one C++ check that conv, ssm, position and token ids are exactly what the kernel reads: float32 / int64
+    # on the CPU, these shapes, contiguous, no gradient (see _layout_guard; only its "yes" is relied on)
+    expected = (torch.empty(conv), torch.empty(ssm), torch.empty(batch, dtype=_I64), torch.empty(batch, dtype=_I64))
+    layout = (conv, ssm, sizes, need, head, plan.thread_cap(batch), _layout_guard(expected))
     plan.layouts[batch] = layout
     return layout
 
@@ -393,7 +440,8 @@ def try_step(model, token_ids: torch.Tensor, state):
 
     Token ids are range-checked by the C entry (before it reads anything); an id outside the vocabulary is
     refused with check_input_ids' own ValueError. This runs on every decode step, so it is written for a
-    tiny model's ~12 us kernel: one dict lookup per cached thing, one ctypes argument (a packed array)."""
+    tiny model's ~9 us kernel call: one dict lookup per cached thing, one C++ guard call for the state and ids
+    (the itemised checks below run only when it says no), one ctypes argument (a packed array)."""
     if not (enabled() and token_ids.is_cpu):
         return None
     plan = model.__dict__.get("_native_decode_plan")
@@ -405,16 +453,18 @@ def try_step(model, token_ids: torch.Tensor, state):
     if torch.is_grad_enabled() and (conv.requires_grad or ssm.requires_grad or plan.trainable()):
         return None  # autograd wants a graph: the eager ops record one
     batch = token_ids.shape[0]
-    conv_shape, ssm_shape, _, need, head, cap = plan.layouts.get(batch) or _batch_layout(plan, batch)
-    if conv.dtype != _F32 or ssm.dtype != _F32 or not (conv.is_cpu and ssm.is_cpu and pos.is_cpu):
-        return None  # not float32 CPU state: the eager path handles (or refuses) it
-    if conv.shape != conv_shape:
-        _refuse_shape(conv, conv_shape, "conv")  # wrong sizes never reach native code
-    if ssm.shape != ssm_shape:
-        _refuse_shape(ssm, ssm_shape, "ssm")
-    if pos.dtype != _I64 or pos.shape != token_ids.shape or token_ids.dtype != _I64:
-        return None
-    conv, ssm, pos, tokens = conv.contiguous(), ssm.contiguous(), pos.contiguous(), token_ids.contiguous()
+    conv_shape, ssm_shape, _, need, head, cap, state_guard = plan.layouts.get(batch) or _batch_layout(plan, batch)
+    tokens = token_ids
+    if state_guard is None or not state_guard(conv, ssm, pos, tokens):  # else all of the below holds already
+        if conv.dtype != _F32 or ssm.dtype != _F32 or not (conv.is_cpu and ssm.is_cpu and pos.is_cpu):
+            return None  # not float32 CPU state: the eager path handles (or refuses) it
+        if conv.shape != conv_shape:
+            _refuse_shape(conv, conv_shape, "conv")  # wrong sizes never reach native code
+        if ssm.shape != ssm_shape:
+            _refuse_shape(ssm, ssm_shape, "ssm")
+        if pos.dtype != _I64 or pos.shape != token_ids.shape or token_ids.dtype != _I64:
+            return None
+        conv, ssm, pos, tokens = conv.contiguous(), ssm.contiguous(), pos.contiguous(), token_ids.contiguous()
     scratch = plan.scratch
     if scratch.numel() < need:
         scratch = plan.scratch = torch.empty(need)

@@ -43,9 +43,10 @@ enum { FLAG_LTI = 1, FLAG_DTHI = 2, FLAG_DTLO = 4, FLAG_EMBED_I8 = 8 };
 enum { G_EMBED, G_NORMF, G_HEAD_W, G_HEAD_S, G_HEAD_B, G_LEN };
 enum {
     L_NORM, L_IN_W, L_IN_S, L_IN_B, L_CONV_W, L_CONV_B, L_XP_W, L_XP_S, L_DT_W, L_DT_B, L_ALOG, L_D,
-    L_OUT_W, L_OUT_S, L_OUT_B, L_LTI_DT, L_LTI_B, L_LTI_C, L_GNORM, L_LEN
+    L_OUT_W, L_OUT_S, L_OUT_B, L_LTI_DT, L_LTI_B, L_LTI_C, L_GNORM, L_ACACHE, L_LEN
 };
-#define PLAN_VERSION 1
+/* L_ACACHE (Mamba-1): the plan's own cache of A = -exp(A_log) (refresh_A below), not a weight */
+#define PLAN_VERSION 2
 /* sizes[] given with each call, checked against the configuration */
 enum { S_TOKENS, S_CONV_OLD, S_SSM_OLD, S_CONV_NEW, S_SSM_NEW, S_POS_OLD, S_POS_NEW, S_LOGITS, S_SCRATCH, S_PTRS,
        S_LEN };
@@ -237,6 +238,47 @@ static inline __attribute__((always_inline)) float dot_row(const void *w, int in
     return _mm512_reduce_add_ps(acc[0]);
 }
 #define HAVE_DOT_ROW 1
+/* Lane i of the result is the sum of v[i]'s 16 lanes: 16 horizontal sums in 45 shuffles and adds (a transpose
+ * folded into the additions) instead of ~8 dependent steps each with _mm512_reduce_add_ps. */
+static inline __attribute__((always_inline)) __m512 hsum16(const __m512 v[16]) {
+    __m512 s[8], u[4], w[2];
+    for (int i = 0; i < 8; i++)  /* per 128-bit lane: [v2i 0+2, v2i+1 0+2, v2i 1+3, v2i+1 1+3] */
+        s[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)  /* per 128-bit lane: the lane's sums of v4i .. v4i+3 */
+        u[i] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * i], s[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(s[2 * i], s[2 * i + 1], 0xEE));
+    for (int i = 0; i < 2; i++)  /* lanes 0, 2 plus lanes 1, 3 */
+        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+}
+/* Batch 1, short rows (a tiny model's cache-resident weights): 16 rows at once, 16 independent accumulators
+ * sharing each load of x, and one hsum16 for the 16 dot products. y[r0 .. r0 + 16) gets them. */
+#define SMALL_K 256
+static inline __attribute__((always_inline)) void rows16(const void *w, int int8, const float *scale,
+                                                         const float *bias, const float *x, int64_t K, float *y,
+                                                         int accumulate) {
+    const size_t stride = (size_t)K * (int8 ? 1 : sizeof(float));
+    __m512 acc[16];
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + k);
+        for (int i = 0; i < 16; i++)
+            acc[i] = _mm512_fmadd_ps(load_w_full((const char *)w + i * stride, int8, k), xv, acc[i]);
+    }
+    if (k < K) {
+        const __mmask16 m = (__mmask16)((1u << (K - k)) - 1u);
+        const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+        for (int i = 0; i < 16; i++)
+            acc[i] = _mm512_fmadd_ps(load_w((const char *)w + i * stride, int8, k, m), xv, acc[i]);
+    }
+    __m512 d = hsum16(acc);
+    if (int8) d = _mm512_mul_ps(d, _mm512_loadu_ps(scale));
+    if (bias) d = _mm512_add_ps(d, _mm512_loadu_ps(bias));
+    if (accumulate) d = _mm512_add_ps(d, _mm512_loadu_ps(y));
+    _mm512_storeu_ps(y, d);
+}
 #define BLOCK_CASES(INT8)                                                  \
     switch (nb) {                                                          \
     case 1: block4(wr, INT8, xb, 1, K, out); break;                        \
@@ -269,7 +311,15 @@ static void gemv_rows(const mat_t *m, const float *x, int64_t ldx, int64_t B, fl
     const size_t esz = int8 ? 1 : sizeof(float);
 #ifdef HAVE_DOT_ROW
     if (B == 1) {
-        for (int64_t r = r0; r < r1; r++) {
+        int64_t r = r0;
+        if (K <= SMALL_K)
+            for (; r + 16 <= r1; r += 16) {
+                const void *wr = (const char *)m->w + (size_t)r * (size_t)K * esz;
+                const float *s = int8 ? m->scale + r : NULL, *bias = m->bias ? m->bias + r : NULL;
+                if (int8) rows16(wr, 1, s, bias, x, K, y + r, accumulate);
+                else rows16(wr, 0, s, bias, x, K, y + r, accumulate);
+            }
+        for (; r < r1; r++) {
             const void *wr = (const char *)m->w + (size_t)r * (size_t)K * esz;
             const float d = int8 ? dot_row(wr, 1, x, K) * m->scale[r] : dot_row(wr, 0, x, K);
             const float v = d + (m->bias ? m->bias[r] : 0.0f);
@@ -351,6 +401,27 @@ static void conv_step(const float *xin, int64_t ldin, float *xout, int64_t ldout
     }
 }
 
+/* ---- A = -exp(A_log), cached per plan ------------------------------------------------------------------ */
+/* A Mamba-1 layer's A is a function of A_log alone; recomputing it is one exp per (channel, state) each step,
+ * as many as the scan's own. The plan gives each layer a cache: the bytes of A_log that A was computed from,
+ * A, and a flag per channel. A channel range is recomputed when any flag is unset or A_log's bytes differ
+ * from the copy (one memcmp), so every write to A_log (in place, through .data, an optimizer step) is seen by
+ * the next step. Each thread refreshes only its own channels; calls are serialised by call_lock. */
+/* cache layout (4-byte words): [D * N] A_log copy, [D * N] A, [D] int32 flags; zeroed by the plan */
+static const float *refresh_A(float *cache, const float *Alog, int64_t D, int64_t N, int64_t lo, int64_t hi) {
+    float *copy = cache, *A = copy + D * N;
+    int32_t *valid = (int32_t *)(A + D * N);
+    int32_t all = 1;
+    for (int64_t d = lo; d < hi; d++) all &= valid[d];
+    const size_t bytes = sizeof(float) * (size_t)((hi - lo) * N);
+    if (!all || memcmp(copy + lo * N, Alog + lo * N, bytes) != 0) {
+        memcpy(copy + lo * N, Alog + lo * N, bytes);
+        for (int64_t i = lo * N; i < hi * N; i++) A[i] = -expf(copy[i]);
+        for (int64_t d = lo; d < hi; d++) valid[d] = 1;
+    }
+    return A;
+}
+
 /* ---- one step ------------------------------------------------------------------------------------------- */
 typedef struct {
     const int64_t *cfg;
@@ -368,7 +439,7 @@ typedef struct {
 } step_ctx;
 
 /* scratch layout (floats), also computed by decode.py's scratch_size(): resid, xn (B x H each), proj (B x
- * in_rows), xc (B x conv_ch), dbc (B x xp_rows), y (B x d_inner), A (d_inner x N, Mamba-1 only) */
+ * in_rows), xc (B x conv_ch), dbc (B x xp_rows), y (B x d_inner), exp(delta A) (d_inner x N, Mamba-1 only) */
 static int64_t scratch_floats(const int64_t *cfg, int64_t B) {
     const int64_t H = cfg[CFG_HIDDEN];
     return B * (2 * H + cfg[CFG_INROWS] + cfg[CFG_CONVCH] + cfg[CFG_XPROWS] + cfg[CFG_DINNER])
@@ -441,8 +512,9 @@ static void step_job(void *vctx, int tid, int nth) {
             const float *Alog = (const float *)p[L_ALOG], *Dp = (const float *)p[L_D];
             const float *Wdt = (const float *)p[L_DT_W], *bdt = (const float *)p[L_DT_B];
             split(D, tid, nth, &lo, &hi);
-            /* whole-range passes (A, softplus, gate) keep exp vectorised; the per-channel loop does the rest */
-            for (int64_t i = lo * N; i < hi * N; i++) Abuf[i] = -expf(Alog[i]);
+            const float *A = refresh_A((float *)p[L_ACACHE], Alog, D, N, lo, hi);
+            /* whole-range passes (exp(delta A), softplus, gate) keep exp vectorised; the per-channel loop does
+             * the rest. Abuf holds exp(delta A) for this thread's channels. */
             for (int64_t b = 0; b < B; b++) {
                 const float *dtv = lti ? (const float *)p[L_LTI_DT] : dbc + b * XR;
                 float *yb = ybuf + b * D;  /* holds delta until y replaces it */
@@ -454,14 +526,38 @@ static void step_job(void *vctx, int tid, int nth) {
                 softplus_inplace(yb + lo, hi - lo);
                 const float *Bv = lti ? (const float *)p[L_LTI_B] : dtv + R;
                 const float *Cv = lti ? (const float *)p[L_LTI_C] : Bv + N;
-                for (int64_t d = lo; d < hi; d++) {
-                    const float delta = yb[d], x = xc[b * CC + d], dx = delta * x;
-                    const float *A = Abuf + d * N, *ho = ssm_old + (b * D + d) * N;
-                    float *hn = ssm_new + (b * D + d) * N;
+                for (int64_t d = lo; d < hi; d++)
+                    for (int64_t n = 0; n < N; n++) Abuf[d * N + n] = yb[d] * A[d * N + n];
+                for (int64_t i = lo * N; i < hi * N; i++) Abuf[i] = expf(Abuf[i]);
+                const float *xb = xc + b * CC, *hob = ssm_old + b * D * N;
+                float *hnb = ssm_new + b * D * N;
+                int64_t d = lo;
+#ifdef LS_AVX512
+                if (N == 16) {  /* 16 channels at a time: one hsum16 for their 16 readouts */
+                    const __m512 Bq = _mm512_loadu_ps(Bv), Cq = _mm512_loadu_ps(Cv);
+                    for (; d + 16 <= hi; d += 16) {
+                        __m512 prod[16];
+                        for (int j = 0; j < 16; j++) {
+                            const int64_t o = (d + j) * 16;
+                            const __m512 dx = _mm512_set1_ps(yb[d + j] * xb[d + j]);
+                            const __m512 h = _mm512_fmadd_ps(_mm512_loadu_ps(Abuf + o), _mm512_loadu_ps(hob + o),
+                                                             _mm512_mul_ps(dx, Bq));
+                            _mm512_storeu_ps(hnb + o, h);
+                            prod[j] = _mm512_mul_ps(h, Cq);
+                        }
+                        const __m512 xv = _mm512_loadu_ps(xb + d);
+                        _mm512_storeu_ps(yb + d, _mm512_fmadd_ps(_mm512_loadu_ps(Dp + d), xv, hsum16(prod)));
+                    }
+                }
+#endif
+                for (; d < hi; d++) {
+                    const float delta = yb[d], x = xb[d], dx = delta * x;
+                    const float *dA = Abuf + d * N, *ho = hob + d * N;
+                    float *hn = hnb + d * N;
                     float y = 0.0f;
 #pragma GCC ivdep
                     for (int64_t n = 0; n < N; n++) {
-                        const float h = expf(delta * A[n]) * ho[n] + dx * Bv[n];
+                        const float h = dA[n] * ho[n] + dx * Bv[n];
                         hn[n] = h;
                         y += h * Cv[n];
                     }
@@ -558,6 +654,9 @@ int leanseq_ssm_decode_step(const int64_t *cfg, int64_t cfg_len, const double *f
     if (sizes[S_LOGITS] != B * V) return 8;
     if (sizes[S_SCRATCH] < scratch_floats(cfg, B)) return 9;
     if (sizes[S_PTRS] != G_LEN + L * L_LEN) return 10;
+    if (fam == 1)
+        for (int64_t l = 0; l < L; l++)
+            if (ptrs[G_LEN + l * L_LEN + L_ACACHE] == NULL) return 10;
     for (int64_t b = 0; b < B; b++)
         if (tokens[b] < 0 || tokens[b] >= V) return 11;
     if (nthreads < 1) nthreads = 1;
