@@ -1,6 +1,9 @@
-/* Mamba-2's chunked SSD scan over a whole sequence, inference only (no gradient), one call per block of heads.
+/* Inference-only (no gradient) kernels for a Mamba-2 prefill over a whole sequence: the chunked SSD scan, the
+ * causal depthwise conv + SiLU, and the gated grouped RMSNorm. Each one does in one pass over its rows what
+ * PyTorch does in several passes over (L, channels)-sized temporaries; leanseq/ops/prefill_native.py says
+ * when they are used, and tests/ops/test_prefill_native.py holds them to the PyTorch code they replace.
  *
- * Why: in PyTorch the chunked scan (leanseq/ops/ssd.py, which this file must match) is a dozen passes over
+ * SSD scan: in PyTorch the chunked scan (leanseq/ops/ssd.py, which this file must match) is a dozen passes over
  * (chunk, head, Q, Q)- and (L, heads, head_dim)-sized temporaries plus batched products of 64-wide matrices;
  * at a 512-token prefill of a 130m model the passes cost as much as the products. Here each head keeps its
  * (state, head_dim) state in a small buffer and does, chunk by chunk, exactly the chunked algorithm's
@@ -17,8 +20,9 @@
  * head_dim must be a multiple of 16 (one 16-float vector per 16 columns); GCC vector extensions keep the
  * file portable (AVX-512 where -march=native has it, two AVX2 halves elsewhere).
  *
- * Returns 0, 1 when a work buffer cannot be allocated, 2 for sizes it cannot take. Heads [h0, h1) only, so
- * the caller can run blocks of heads in parallel threads.
+ * Threads: built with -fopenmp, the *_team entries split their work over an OpenMP team in the runtime torch
+ * already loaded (prefill_native.py checks that it is shared); the plain entries do a given range on the
+ * calling thread. Return codes: 0, 1 when a work buffer cannot be allocated, 2 for sizes they cannot take.
  */
 #include <math.h>
 #include <stdint.h>
@@ -187,8 +191,8 @@ int leanseq_ssd_prefill(const float *x, const float *dt, const float *A, const f
 
 #ifdef _OPENMP
 #include <omp.h>
-/* heads split over an OpenMP team: the runtime torch already loaded (same soname), whose workers are
- * still spinning from torch's previous parallel op and so start at once */
+/* heads split over an OpenMP team (torch's runtime, whose workers are still spinning from torch's previous
+ * parallel op and so start at once) */
 int leanseq_ssd_prefill_team(const float *x, const float *dt, const float *A, const float *Bm, const float *Cm,
                              const float *D, const float *cb, float *state, float *y,
                              int64_t batch, int64_t length, int64_t heads, int64_t head_dim, int64_t groups,
@@ -204,6 +208,93 @@ int leanseq_ssd_prefill_team(const float *x, const float *dt, const float *A, co
         if (h1 > h0)
             code |= leanseq_ssd_prefill(x, dt, A, Bm, Cm, D, cb, state, y, batch, length, heads, head_dim, groups,
                                         nstate, chunk, x_tok_stride, bc_tok_stride, h0, h1);
+    }
+    return code;
+}
+#endif
+
+/* ---- causal depthwise conv + SiLU ------------------------------------------------------------------------
+ * y[b, t, c] = silu(bias[c] + sum_k wt[k, c] x[b, t - (K-1) + k, c]), where positions before 0 come from
+ * the conv state (batch, channels, K-1), oldest first (or are zero when state is NULL). x may have any token
+ * stride (a view into the input projection); wt is the weight transposed, (K, channels); y is contiguous.
+ * Rows [r0, r1) of the batch * length rows. */
+int leanseq_conv_silu(const float *x, int64_t x_tok_stride, const float *state, const float *wt, const float *bias,
+                      float *y, int64_t batch, int64_t length, int64_t channels, int64_t kernel, int64_t r0,
+                      int64_t r1) {
+    if (batch < 1 || length < 1 || channels < 1 || kernel < 1 || x_tok_stride < channels || r0 < 0
+        || r1 > batch * length || r0 > r1)
+        return 2;
+    const int64_t K = kernel, Cn = channels;
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t b = r / length, t = r % length;
+        float *yr = y + r * Cn;
+        if (bias) memcpy(yr, bias, sizeof(float) * (size_t)Cn);
+        else memset(yr, 0, sizeof(float) * (size_t)Cn);
+        for (int64_t k = 0; k < K; k++) {
+            const int64_t src = t - (K - 1) + k;
+            const float *w = wt + k * Cn;
+            if (src >= 0) {
+                const float *xr = x + (b * length + src) * x_tok_stride;
+                for (int64_t c = 0; c < Cn; c++) yr[c] += w[c] * xr[c];
+            } else if (state) {  /* state[b, c, K-1+src] */
+                const float *st = state + b * Cn * (K - 1) + (K - 1 + src);
+                for (int64_t c = 0; c < Cn; c++) yr[c] += w[c] * st[c * (K - 1)];
+            }
+        }
+        for (int64_t c = 0; c < Cn; c++) yr[c] = yr[c] / (1.0f + expf(-yr[c]));
+    }
+    return 0;
+}
+
+/* ---- gated grouped RMSNorm -------------------------------------------------------------------------------
+ * out[r, :] = weight * g / sqrt(mean over each group of g^2 + eps), g = y[r, :] * silu(z[r, :]), for rows
+ * [r0, r1); y and out contiguous (rows, dim); z rows z_row_stride apart (a view into the input projection). */
+int leanseq_gated_rmsnorm(const float *y, const float *z, int64_t z_row_stride, const float *weight, float *out,
+                          int64_t rows, int64_t dim, int64_t group, float eps, int64_t r0, int64_t r1) {
+    if (rows < 1 || dim < 1 || group < 1 || dim % group || z_row_stride < dim || r0 < 0 || r1 > rows || r0 > r1)
+        return 2;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *yr = y + r * dim, *zr = z + r * z_row_stride;
+        float *o = out + r * dim;
+        for (int64_t c = 0; c < dim; c++) o[c] = yr[c] * (zr[c] / (1.0f + expf(-zr[c])));
+        for (int64_t g0 = 0; g0 < dim; g0 += group) {
+            float ss = 0.0f;
+            for (int64_t c = g0; c < g0 + group; c++) ss += o[c] * o[c];
+            const float scale = 1.0f / sqrtf(ss / (float)group + eps);
+            for (int64_t c = g0; c < g0 + group; c++) o[c] = weight[c] * (o[c] * scale);
+        }
+    }
+    return 0;
+}
+
+#ifdef _OPENMP
+/* rows split over the OpenMP team, as for the scan */
+int leanseq_conv_silu_team(const float *x, int64_t x_tok_stride, const float *state, const float *wt,
+                           const float *bias, float *y, int64_t batch, int64_t length, int64_t channels,
+                           int64_t kernel, int64_t nthreads) {
+    int code = 0;
+    const int64_t rows = batch * length;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > rows) nthreads = rows > 0 ? rows : 1;
+#pragma omp parallel num_threads((int)nthreads) reduction(| : code)
+    {
+        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+        code |= leanseq_conv_silu(x, x_tok_stride, state, wt, bias, y, batch, length, channels, kernel,
+                                  rows * t / nt, rows * (t + 1) / nt);
+    }
+    return code;
+}
+
+int leanseq_gated_rmsnorm_team(const float *y, const float *z, int64_t z_row_stride, const float *weight, float *out,
+                               int64_t rows, int64_t dim, int64_t group, float eps, int64_t nthreads) {
+    int code = 0;
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > rows) nthreads = rows > 0 ? rows : 1;
+#pragma omp parallel num_threads((int)nthreads) reduction(| : code)
+    {
+        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+        code |= leanseq_gated_rmsnorm(y, z, z_row_stride, weight, out, rows, dim, group, eps,
+                                      rows * t / nt, rows * (t + 1) / nt);
     }
     return code;
 }
