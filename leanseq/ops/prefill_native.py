@@ -100,7 +100,8 @@ def library():
 
 
 def enabled() -> bool:
-    if is_exporting():
+    # a graph being recorded (export, jit trace, torch.compile) cannot hold a call through raw pointers
+    if is_exporting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
     return _enabled if _enabled is not None else native._is_enabled()
 
