@@ -31,7 +31,7 @@ from leanseq.ops.export_mode import is_exporting
 MIN_ROWS = 32  # fewer rows (decode steps, short prompts) stay on F.linear
 
 _enabled: bool | None = None  # None: LEANSEQ_ONEDNN decides, on first use
-_packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (weight key, packed weight)
+_packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> (weight ref, key, packed weight)
 _lock = threading.Lock()
 
 
@@ -69,11 +69,13 @@ def _packed_weight(module: nn.Linear, rows: int) -> torch.Tensor:
     w = module.weight
     key = _weight_key(w)
     entry = _packed.get(module)
-    if entry is not None and entry[0] == key:
-        return entry[1]
+    # the same tensor object (a weak reference: a freed weight's address may be reused by a new one) with the
+    # same memory, version and layout
+    if entry is not None and entry[0]() is w and entry[1] == key:
+        return entry[2]
     packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), rows)
     with _lock:
-        _packed[module] = (key, packed)
+        _packed[module] = (weakref.ref(w), key, packed)
     return packed
 
 
