@@ -10,12 +10,12 @@ first; these return None (and the PyTorch code runs) unless:
   `native.set_enabled(False)` turns them off, as does `set_enabled(False)` here).
 Results equal the PyTorch code's to float32 rounding (tests/ops/test_prefill_native.py).
 
-Threads: heads are split over an OpenMP team of torch.get_num_threads() threads, in torch's own OpenMP
-runtime. The library is built with -fopenmp and so needs libgomp.so.1, which the loader resolves to the one
+Threads: the work (the scan's heads, the conv's and norm's rows) is split over an OpenMP team of
+torch.get_num_threads() threads, in torch's own OpenMP runtime. The library is built with -fopenmp and so needs libgomp.so.1, which the loader resolves to the one
 torch already loaded; `_shared_runtime()` checks that only one libgomp is mapped before the team entry is
 used. Torch's workers are still spinning from its previous parallel op, so they take the work at once;
 Python threads (as leanseq.ops.native uses) would instead compete with those spinning workers for the
-cores (measured: 2.6x slower on 2 cores). Where the team cannot be used (no -fopenmp, another runtime),
+cores (one layer's scan at the 130m shape: 7.6 ms on two Python threads, 2.9 ms on the team). Where the team cannot be used (no -fopenmp, another runtime),
 the kernel runs on the calling thread alone.
 """
 
