@@ -19,6 +19,7 @@ from leanseq.models.config import ConfigBase, ConfigError, check_ssm_numbers
 from leanseq.models.layers import GatedRMSNorm, filled_unless_meta
 from leanseq.models.ssm import ConvSSMState, SSMLanguageModel
 from leanseq.ops import causal_conv1d, causal_conv1d_step
+from leanseq.ops.linear import linear
 from leanseq.ops.ssd import ssd_chunked, ssd_reference, ssd_step
 
 # Which full-sequence scan the model uses: "chunked" (fast) or "reference" (sequential, for checking).
@@ -166,7 +167,8 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, hidden, conv_state, ssm_state):
         """hidden (B, L, H) -> (out (B, L, H), conv_state, ssm_state)."""
-        z, xbc, dt = self._split(self.in_proj(hidden))
+        # `linear`: the projections of long inputs through oneDNN when autograd is off (leanseq.ops.linear)
+        z, xbc, dt = self._split(linear(hidden, self.in_proj))
         xbc, conv_state = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, conv_state)
         x, B, C, dt, A = self._ssm_params(xbc, dt)
         if SCAN_IMPL == "reference":
@@ -177,7 +179,7 @@ class Mamba2Mixer(nn.Module):
             chunk = SCAN_CHUNK_SIZE or self.chunk_size
             y, ssm_state = ssd_chunked(x, dt, A, B, C, self.D, initial_state=ssm_state, chunk_size=chunk)
         y = self.norm(y.reshape(*y.shape[:2], self.d_inner), z)
-        return self.out_proj(y.to(hidden.dtype)), conv_state, ssm_state
+        return linear(y.to(hidden.dtype), self.out_proj), conv_state, ssm_state
 
     def step(self, hidden, conv_state, ssm_state):
         """hidden (B, H) -> (out (B, H), conv_state, ssm_state)."""

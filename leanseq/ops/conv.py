@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from leanseq.ops import prefill_native
+
 
 def causal_conv1d(
     x: torch.Tensor,
@@ -28,6 +30,10 @@ def causal_conv1d(
     if activation not in ("silu", None):
         raise ValueError(f"unsupported activation {activation!r}")
     length = x.shape[1]
+    if activation == "silu":  # without autograd, on float32 CPU tensors: one compiled pass (prefill_native)
+        done = prefill_native.try_conv_silu(x, weight, bias, conv_state)
+        if done is not None:
+            return done
     if conv_state is None:
         conv_state = x.new_zeros(batch, channels, k - 1)
     # channel-last throughout: K shifted multiply-adds over (B, L, C) rows, which on a CPU beats a depthwise
