@@ -464,7 +464,8 @@ def fit_scanbank(ds: Dataset, settings: ClassifySettings, seed: int):
     labels = np.searchsorted(classes, ds.y_train)
     model = ScanBankClassifier(bank, len(classes))
     head = model.fit_head(feats, labels, seed=seed)
-    return model, {"ridge_alpha": head["alpha"], "pools": head["pools"], "cv_accuracy": head["cv_accuracy"],
+    return model, {"ridge_alpha": head["alpha"], "pools": head["pools"], "head_cuts": head["cuts"],
+                   "cv_accuracy": head["cv_accuracy"],
                    "width": config.width, "timescale": config.timescale}
 
 
@@ -762,7 +763,8 @@ def format_table(report: dict) -> str:
         lines.append("aeon baselines: a warm-up fit first, so numba's one-off compilation is not counted as training.")
     if all("pools" in run for r in rows for run in r["ours"]["runs"]):
         lines.append("Readout chosen by CV on the train split (per seed): " + "; ".join(
-            f"{r['dataset']} " + ", ".join("+".join(run["pools"]) for run in r["ours"]["runs"]) for r in rows))
+            f"{r['dataset']} " + ", ".join("+".join(run["pools"]) + ("" if run.get("head_cuts", True) else " (full-length rows only)")
+                                           for run in r["ours"]["runs"]) for r in rows))
     if all("causal_state_accuracy_mean" in r["ours"] for r in rows):
         lines.append("Ours, plain causal-state head (h_t alone, trained alongside; not the reported answer): "
                      + ", ".join(f"{r['dataset']} {r['ours']['causal_state_accuracy_mean']:.1f}" for r in rows))
