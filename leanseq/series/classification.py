@@ -76,7 +76,7 @@ class ClassifySettings:
     method: str = "scanbank"  # scanbank: untrained scan bank + ridge head; trained: a small SSM trained by AdamW
     bank_width: int = 4096  # scanbank: scan channels (3 features each: running max, mean, PPV)
     bank_state_size: int = 4
-    readout_cuts: tuple[float, ...] = (0.5, 0.75)  # scanbank: the head also fits features read at these cuts
+    readout_cuts: tuple[float, ...] = (0.5, 0.75)  # scanbank: the head may also fit features read at these cuts (CV decides)
     family: str = "mamba"  # trained: backbone mamba | mamba2 | transformer
     hidden_size: int = 32
     num_layers: int = 2
@@ -711,8 +711,8 @@ def _describe_ours(s: dict) -> str:
     cuts = "/".join(f"{100 * f:.0f}%" for f in s["readout_cuts"])
     return (f"scan bank: {s['bank_width']} untrained selective-scan channels (state {s['bank_state_size']}, "
             f"random seeded weights) pooled causally (running max, mean, PPV; current response), a ridge head "
-            f"fitted on features at 100% and {cuts} of each train series, its readout and penalty chosen by "
-            f"3x5-fold CV over train series; params = the head's (the only trained part), bytes = bank + head")
+            f"fitted on features at 100% and {cuts} of each train series or at 100% alone, that choice, its "
+            f"readout and penalty made by 3x5-fold CV over train series; params = the head's (the only trained part), bytes = bank + head")
 
 
 def format_table(report: dict) -> str:
