@@ -49,7 +49,7 @@ def cv_by_readout(ds, seed: int, scale: float, log_fastest: float, width: int, c
     feats = bank_features(bank, ds.x_train, (1.0, 0.5, 0.75) if cut_rows else (1.0,))
     labels = np.searchsorted(ds.classes, ds.y_train)
     model = ScanBankClassifier(bank, len(ds.classes))
-    return {"+".join(c): model.fit_head(feats, labels, choices=(c,), cut_choices=(True,), seed=seed)["cv_accuracy"]
+    return {"+".join(c): model.fit_head(feats, labels, choices=(c,), cut_choices=(None,), seed=seed)["cv_accuracy"]
             for c in POOL_CHOICES}
 
 

@@ -47,10 +47,10 @@ POOLS = ("max", "mean", "ppv", "last")
 # class shows in what happens; the recency-weighted responses y_t (the exponential decays remember when) for
 # series whose class shows in when it happens
 POOL_CHOICES = (("max", "mean", "ppv"), ("ppv",), ("last",), POOLS)
-# Whether the head also fits the rows read at the partial cuts (calibrating the anytime answers) or the full-length
-# rows alone: chosen per dataset by the same CV; on short series whose class shows in *when* things happen
-# (ItalyPowerDemand, 24 steps), a prefix looks like another class's whole series and the cut rows mislead the head
-CUT_CHOICES = (True, False)
+# How many of each series' rows the head fits: None = every cut read (calibrates the anytime answers), k = the first k
+# (row 0 is the full length, then the cuts in the order read, latest first); chosen per dataset by the same CV. On
+# short series whose class shows in *when* things happen (ItalyPowerDemand, 24 steps) early cuts mislead the head
+CUT_CHOICES = (None, 2, 1)
 
 
 @dataclasses.dataclass
@@ -296,13 +296,13 @@ class ScanBankClassifier(nn.Module):
                  cut_choices=CUT_CHOICES, folds: int = 5, repeats: int = 3, seed: int = 0) -> dict:
         """Ridge regression of +-1 one-hot labels on standardised features. feats (N, P, 4W) holds each train
         series read at P cuts (index 0: its full length), labels (N,) its class index. Which rows it fits
-        (`cut_choices`: True = every cut, False = the full-length rows alone), which feature blocks (one of
+        (`cut_choices`: None = every cut, k = the first k cuts, 1 = the full-length rows alone), which blocks (one of
         `choices`, see POOLS) and which penalty are chosen by k-fold cross-validation over series, repeated with
         `repeats` shuffles (all cuts of a series in the same fold: nothing of a held-out series is seen), scored
         by full-length accuracy (ties: the earlier rows choice, then the earlier blocks, then the larger
         penalty); then the head is refitted on the chosen rows, with zero weight on the blocks not chosen.
         Standardisation is folded into the Linear head. Returns {"alpha": penalty, "pools": the chosen blocks,
-        "cuts": whether the cut rows were fitted, "cv_accuracy": % of train series}."""
+        "cuts": how many of each series' rows were fitted, "cv_accuracy": % of train series}."""
         n, cuts, width = feats.shape
         k, w = self.head.out_features, self.bank.config.width
         flat = feats.reshape(n * cuts, width).astype(np.float64)
@@ -312,11 +312,13 @@ class ScanBankClassifier(nn.Module):
         target[np.arange(n), labels] = 1.0
         block = {name: slice(i * w, (i + 1) * w) for i, name in enumerate(POOLS)}
         alphas = np.asarray(alphas, dtype=np.float64)
-        cut_choices = tuple(bool(u) for u in cut_choices) if cuts > 1 else (True,)  # one cut: nothing to choose
+        # rows fitted per series, each option once (an option beyond the cuts read means all of them)
+        cut_choices = tuple(dict.fromkeys(cuts if u is None else min(int(u), cuts) for u in cut_choices))
+        if any(u < 1 for u in cut_choices):
+            raise ValueError(f"cut_choices must be None or counts >= 1, got {cut_choices}")
         correct = np.zeros((len(cut_choices), len(choices), len(alphas)))
         for train, held in (f for r in range(repeats) for f in _folds(labels, folds, seed + 1000 * r)):
-            for u, with_cuts in enumerate(cut_choices):
-                used = cuts if with_cuts else 1
+            for u, used in enumerate(cut_choices):
                 rows = x[train, :used].reshape(-1, width)
                 rows_mean = rows.mean(0)
                 rows = rows - rows_mean
@@ -331,7 +333,7 @@ class ScanBankClassifier(nn.Module):
                         scores = cross_c @ dual_for(alpha) + y_rows.mean(0)
                         correct[u, c, a] += (scores.argmax(1) == labels[held]).sum()
         u, c, a = max(np.ndindex(*correct.shape), key=lambda uca: (correct[uca], -uca[0], -uca[1], alphas[uca[2]]))
-        used = cuts if cut_choices[u] else 1
+        used = cut_choices[u]
         cols = np.concatenate([np.arange(width)[block[b]] for b in choices[c]])
         rows = x[:, :used].reshape(-1, width)[:, cols]
         rows_mean = rows.mean(0)

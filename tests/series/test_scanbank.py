@@ -116,8 +116,10 @@ def test_cross_validation_drops_cut_rows_only_when_they_mislead():
     misleading[:, 1, 0] -= 10 * sign
     consistent[:, 1, 0] += 5 * sign
     head = ScanBankClassifier(bank, 2).fit_head(misleading, labels, choices=(("max",),))
-    assert head["cuts"] is False and head["cv_accuracy"] >= 75
+    assert head["cuts"] == 1 and head["cv_accuracy"] >= 75  # the full-length rows alone
     head = ScanBankClassifier(bank, 2).fit_head(consistent, labels, choices=(("max",),))
-    assert head["cuts"] is True and head["cv_accuracy"] >= 75  # kept: they calibrate the anytime answers
-    with_cuts_only = ScanBankClassifier(bank, 2).fit_head(misleading, labels, choices=(("max",),), cut_choices=(True,))
-    assert with_cuts_only["cuts"] is True and with_cuts_only["cv_accuracy"] < 60  # near chance: the rows contradict
+    assert head["cuts"] == 2 and head["cv_accuracy"] >= 75  # kept: they calibrate the anytime answers
+    with_cuts_only = ScanBankClassifier(bank, 2).fit_head(misleading, labels, choices=(("max",),), cut_choices=(None,))
+    assert with_cuts_only["cuts"] == 2 and with_cuts_only["cv_accuracy"] < 60  # near chance: the rows contradict
+    with pytest.raises(ValueError, match="cut_choices"):
+        ScanBankClassifier(bank, 2).fit_head(misleading, labels, cut_choices=(0,))
