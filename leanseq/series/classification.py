@@ -718,7 +718,8 @@ def _describe_ours(s: dict) -> str:
 def _rows_fitted(run: dict, settings: dict) -> str:
     """' (rows at 100/75%)' when CV fitted the head on fewer than every cut read, else ''."""
     fitted, cuts = run.get("head_cuts"), settings.get("readout_cuts", ())
-    if fitted is None or fitted is True or fitted >= 1 + len(cuts):  # True: a report from before counts
+    fitted = {True: None, False: 1}.get(fitted, fitted) if isinstance(fitted, bool) else fitted  # older reports
+    if fitted is None or fitted >= 1 + len(cuts):
         return ""
     return " (rows at " + "/".join(f"{100 * f:.0f}" for f in (1.0, *cuts[: fitted - 1])) + "%)"
 
