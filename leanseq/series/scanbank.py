@@ -47,6 +47,10 @@ POOLS = ("max", "mean", "ppv", "last")
 # class shows in what happens; the recency-weighted responses y_t (the exponential decays remember when) for
 # series whose class shows in when it happens
 POOL_CHOICES = (("max", "mean", "ppv"), ("ppv",), ("last",), POOLS)
+# How many of each series' rows the head fits: None = every cut read (calibrates the anytime answers), k = the first k
+# (row 0 is the full length, then the cuts in the order read, latest first); chosen per dataset by the same CV. On
+# short series whose class shows in *when* things happen (ItalyPowerDemand, 24 steps) early cuts mislead the head
+CUT_CHOICES = (None, 2, 1)
 
 
 @dataclasses.dataclass
@@ -289,15 +293,16 @@ class ScanBankClassifier(nn.Module):
         return self.head(feats), state
 
     def fit_head(self, feats: np.ndarray, labels: np.ndarray, alphas=RIDGE_PENALTIES, choices=POOL_CHOICES,
-                 folds: int = 5, repeats: int = 3, seed: int = 0) -> dict:
+                 cut_choices=CUT_CHOICES, folds: int = 5, repeats: int = 3, seed: int = 0) -> dict:
         """Ridge regression of +-1 one-hot labels on standardised features. feats (N, P, 4W) holds each train
-        series read at P cuts (index 0: its full length), labels (N,) its class index. Which feature blocks
-        (one of `choices`, see POOLS) and which penalty are chosen by k-fold cross-validation over series,
-        repeated with `repeats` shuffles (all cuts of a series in the same fold: nothing of a held-out series is
-        seen), scored by full-length accuracy (ties: the earlier choice, then the larger penalty); then the head
-        is refitted on every row,
-        with zero weight on the blocks not chosen. Standardisation is folded into the Linear head.
-        Returns {"alpha": penalty, "pools": the chosen blocks, "cv_accuracy": % of train series}."""
+        series read at P cuts (index 0: its full length), labels (N,) its class index. Which rows it fits
+        (`cut_choices`: None = every cut, k = the first k cuts, 1 = the full-length rows alone), which blocks (one of
+        `choices`, see POOLS) and which penalty are chosen by k-fold cross-validation over series, repeated with
+        `repeats` shuffles (all cuts of a series in the same fold: nothing of a held-out series is seen), scored
+        by full-length accuracy (ties: the earlier rows choice, then the earlier blocks, then the larger
+        penalty); then the head is refitted on the chosen rows, with zero weight on the blocks not chosen.
+        Standardisation is folded into the Linear head. Returns {"alpha": penalty, "pools": the chosen blocks,
+        "cuts": how many of each series' rows were fitted, "cv_accuracy": % of train series}."""
         n, cuts, width = feats.shape
         k, w = self.head.out_features, self.bank.config.width
         flat = feats.reshape(n * cuts, width).astype(np.float64)
@@ -307,27 +312,33 @@ class ScanBankClassifier(nn.Module):
         target[np.arange(n), labels] = 1.0
         block = {name: slice(i * w, (i + 1) * w) for i, name in enumerate(POOLS)}
         alphas = np.asarray(alphas, dtype=np.float64)
-        correct = np.zeros((len(choices), len(alphas)))
+        # rows fitted per series, each option once (an option beyond the cuts read means all of them)
+        cut_choices = tuple(dict.fromkeys(cuts if u is None else min(int(u), cuts) for u in cut_choices))
+        if any(u < 1 for u in cut_choices):
+            raise ValueError(f"cut_choices must be None or counts >= 1, got {cut_choices}")
+        correct = np.zeros((len(cut_choices), len(choices), len(alphas)))
         for train, held in (f for r in range(repeats) for f in _folds(labels, folds, seed + 1000 * r)):
-            rows = x[train].reshape(-1, width)
-            rows_mean = rows.mean(0)
-            rows = rows - rows_mean
-            held_rows = x[held, 0] - rows_mean
-            y_rows = np.repeat(target[train], cuts, axis=0)
-            grams = {b: (rows[:, block[b]] @ rows[:, block[b]].T).astype(np.float64) for b in POOLS}  # summed per choice
-            cross = {b: (held_rows[:, block[b]] @ rows[:, block[b]].T).astype(np.float64) for b in POOLS}
-            for c, choice in enumerate(choices):
-                dual_for = _ridge_dual(sum(grams[b] for b in choice), y_rows)
-                cross_c = sum(cross[b] for b in choice)
-                for a, alpha in enumerate(alphas):
-                    scores = cross_c @ dual_for(alpha) + y_rows.mean(0)
-                    correct[c, a] += (scores.argmax(1) == labels[held]).sum()
-        c, a = max(np.ndindex(*correct.shape), key=lambda ca: (correct[ca], -ca[0], alphas[ca[1]]))
+            for u, used in enumerate(cut_choices):
+                rows = x[train, :used].reshape(-1, width)
+                rows_mean = rows.mean(0)
+                rows = rows - rows_mean
+                held_rows = x[held, 0] - rows_mean
+                y_rows = np.repeat(target[train], used, axis=0)
+                grams = {b: (rows[:, block[b]] @ rows[:, block[b]].T).astype(np.float64) for b in POOLS}  # summed
+                cross = {b: (held_rows[:, block[b]] @ rows[:, block[b]].T).astype(np.float64) for b in POOLS}
+                for c, choice in enumerate(choices):
+                    dual_for = _ridge_dual(sum(grams[b] for b in choice), y_rows)
+                    cross_c = sum(cross[b] for b in choice)
+                    for a, alpha in enumerate(alphas):
+                        scores = cross_c @ dual_for(alpha) + y_rows.mean(0)
+                        correct[u, c, a] += (scores.argmax(1) == labels[held]).sum()
+        u, c, a = max(np.ndindex(*correct.shape), key=lambda uca: (correct[uca], -uca[0], -uca[1], alphas[uca[2]]))
+        used = cut_choices[u]
         cols = np.concatenate([np.arange(width)[block[b]] for b in choices[c]])
-        rows = x.reshape(-1, width)[:, cols]
+        rows = x[:, :used].reshape(-1, width)[:, cols]
         rows_mean = rows.mean(0)
         rows = rows - rows_mean
-        y_rows = np.repeat(target, cuts, axis=0)  # coef below: (K, F chosen)
+        y_rows = np.repeat(target, used, axis=0)  # coef below: (K, F chosen)
         coef = (rows.T.astype(np.float64) @ _ridge_dual((rows @ rows.T).astype(np.float64), y_rows)(alphas[a])).T
         weight = np.zeros((k, width))
         weight[:, cols] = coef / std[cols]  # ((x - m) / s) @ coef.T == x @ (coef / s).T - (coef / s) @ m
@@ -335,7 +346,8 @@ class ScanBankClassifier(nn.Module):
         with torch.no_grad():
             self.head.weight.copy_(torch.from_numpy(weight).float())
             self.head.bias.copy_(torch.from_numpy(bias).float())
-        return {"alpha": float(alphas[a]), "pools": list(choices[c]), "cv_accuracy": float(100 * correct[c, a] / (n * repeats))}
+        return {"alpha": float(alphas[a]), "pools": list(choices[c]), "cuts": cut_choices[u],
+                "cv_accuracy": float(100 * correct[u, c, a] / (n * repeats))}
 
 
 def _folds(labels: np.ndarray, folds: int, seed: int):

@@ -100,3 +100,26 @@ def test_ridge_head_learns_and_classifier_streams():
     for t in range(24):
         logits, state = model.step(x[30:, t], state)
     torch.testing.assert_close(logits, model(x[30:]), atol=1e-3, rtol=1e-3)
+
+
+def test_cross_validation_drops_cut_rows_only_when_they_mislead():
+    # features of 40 series read at their full length and at one cut: the class shows in feature 0 at full length;
+    # at the cut it shows reversed (a prefix that looks like the other class's whole series, as on short series
+    # whose class is *when* a peak falls) or the same (a class visible early)
+    rng = np.random.default_rng(2)
+    labels = np.array([0, 1] * 20)
+    sign = 2.0 * labels - 1
+    bank = ScanBank(ScanBankConfig(channels=1, width=32, group_width=16, timescale=8), seed=0)
+    feats = rng.normal(0, 1, (40, 2, bank.num_features))
+    feats[:, 0, 0] += 5 * sign
+    misleading, consistent = feats.copy(), feats.copy()
+    misleading[:, 1, 0] -= 10 * sign
+    consistent[:, 1, 0] += 5 * sign
+    head = ScanBankClassifier(bank, 2).fit_head(misleading, labels, choices=(("max",),))
+    assert head["cuts"] == 1 and head["cv_accuracy"] >= 75  # the full-length rows alone
+    head = ScanBankClassifier(bank, 2).fit_head(consistent, labels, choices=(("max",),))
+    assert head["cuts"] == 2 and head["cv_accuracy"] >= 75  # kept: they calibrate the anytime answers
+    with_cuts_only = ScanBankClassifier(bank, 2).fit_head(misleading, labels, choices=(("max",),), cut_choices=(None,))
+    assert with_cuts_only["cuts"] == 2 and with_cuts_only["cv_accuracy"] < 60  # near chance: the rows contradict
+    with pytest.raises(ValueError, match="cut_choices"):
+        ScanBankClassifier(bank, 2).fit_head(misleading, labels, cut_choices=(0,))
