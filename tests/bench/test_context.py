@@ -12,14 +12,7 @@ from leanseq.bench import context as race
 from leanseq.bench.spec import ModelSpecError, build_from_spec, parse_model_spec, resolve_model
 from leanseq.energy import Meter
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny shapes gain nothing from threads, and on a busy shared machine extra threads only wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _energy_figures(node, path="$"):

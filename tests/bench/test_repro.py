@@ -15,12 +15,7 @@ from leanseq.tasks import InductionHeadsConfig
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_repro_induction_quick_writes_table_json_and_plot(tmp_path, capsys):

@@ -26,10 +26,5 @@ def make():
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these models are tiny, and two threads on a busy 2-core machine wait on each other
-    (tens of ms per small matmul) instead of working."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread_each_test(one_thread):
+    """Every test here runs on one torch thread (see tests/conftest.py)."""

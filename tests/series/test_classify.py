@@ -11,13 +11,7 @@ import torch
 from leanseq.series.classification import ClassifySettings, SeriesClassifier, classify, shipped_datasets
 from leanseq.series.encoder import SeriesModel
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def two_level_series(n, seed):

@@ -8,13 +8,7 @@ import torch
 
 from leanseq.series.scanbank import ScanBank, ScanBankClassifier, ScanBankConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def small_bank(channels=3, seed=1, **kw):

@@ -76,12 +76,5 @@ def make_server(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Servers run with one torch thread (the default of `leanseq serve --threads`); in-process references must
-    too, since the thread count changes how sums are split and so the last bits. Restored after."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread_each_test(one_thread):
+    """Every test here runs on one torch thread (see tests/conftest.py)."""

@@ -59,9 +59,5 @@ def make_model():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors run fastest on one thread; on a loaded CI box more threads only contend. Restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread_each_test(one_thread):
+    """Every test here runs on one torch thread (see tests/conftest.py)."""
