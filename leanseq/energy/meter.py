@@ -69,7 +69,7 @@ class Measurement:
     co2e_g: float
     grid_gco2e_per_kwh: float
     peak_rss_bytes: int | None  # None where the platform cannot report it
-    peak_rss_scope: str  # "window" (high-water mark reset at the start) or "process lifetime"
+    peak_rss_scope: str  # "window" (high-water mark reset at the start), "process lifetime" or "not tracked"
     rss_start_bytes: int | None
     cuda_peak_allocated_bytes: int | None  # None unless the work ran on CUDA
     device: str
@@ -187,6 +187,8 @@ class Meter:
     rapl_root: the powercap sysfs root (default /sys/class/powercap).
     reset_peak_rss: reset the process RSS high-water mark at each window start (Linux) so peak memory is
         per window; otherwise, or where that is impossible, the peak is the process-lifetime peak.
+    track_rss: False: no memory reading at all (peak_rss_bytes None, scope "not tracked"); for many tiny windows
+        (a server's rounds), where reading /proc twice a window costs more than the work measured.
     clock, cpu_clock: time sources (seconds), injectable for tests.
     """
 
@@ -199,6 +201,7 @@ class Meter:
         grid_intensity: float | None = None,
         rapl_root: str | os.PathLike | None = None,
         reset_peak_rss: bool = True,
+        track_rss: bool = True,
         clock: Callable[[], float] = time.perf_counter,
         cpu_clock: Callable[[], float] = time.process_time,
     ):
@@ -208,6 +211,7 @@ class Meter:
         self.backend = choice.backend
         self.backend_reason = choice.reason
         self.reset_peak_rss = bool(reset_peak_rss)
+        self.track_rss = bool(track_rss)
         self._clock = clock
         self._cpu_clock = cpu_clock
         self._torch = None
@@ -299,7 +303,7 @@ class Meter:
 
     def _open(self, labels, reuse=None) -> list[_Window]:
         with _LOCK:
-            rss_now, rss_peak = _rss_now_and_peak()
+            rss_now, rss_peak = _rss_now_and_peak() if self.track_rss else (None, None)
             rss_reset = self.reset_peak_rss and rss_peak is not None and _reset_rss_peak()
             if rss_reset:
                 for w in _ACTIVE:
@@ -311,7 +315,7 @@ class Meter:
                         w.cuda_carried = max(w.cuda_carried, cuda_peak)
                 self._torch.cuda.reset_peak_memory_stats(self.cuda_index)
             start = reuse if reuse is not None else self._sample_start()
-            scope = "window" if rss_reset else "process lifetime"
+            scope = "window" if rss_reset else "process lifetime" if self.track_rss else "not tracked"
             windows = [_Window(start, label, rss_now, scope, self.cuda_index) for label in labels]
             _ACTIVE.extend(windows)
         return windows
@@ -320,7 +324,7 @@ class Meter:
         with _LOCK:
             for w in windows:
                 _ACTIVE.remove(w)
-            _, rss_peak = _rss_now_and_peak()
+            _, rss_peak = _rss_now_and_peak() if self.track_rss else (None, None)
             cuda_peak = None
             if self._torch is not None:
                 cuda_peak = int(self._torch.cuda.max_memory_allocated(self.cuda_index))

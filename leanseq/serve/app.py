@@ -676,7 +676,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                 tokens = inputs(body, allow_empty=False)
                 result = await run(Job("push", owner, session_id=session_id, tokens=tokens,
                                        return_logits=body.return_logits, expected_position=body.expected_position))
-                await websocket.send_json(result)
+                await websocket.send_text(ws_json(result))
             except ServeError as exc:
                 if exc.status in (404, 410):
                     raise
@@ -695,6 +695,10 @@ class WSPush:
         self.tokens, self.text, self.observations = tokens, text, observations
         self.return_logits, self.expected_position = return_logits, expected_position
 
+
+# one encoder for every WebSocket answer, as Starlette's send_json writes them (compact, UTF-8): send_json builds a
+# JSONEncoder per message, a few microseconds of each push
+ws_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 WS_FIELDS = frozenset(("token", "tokens", "observation", "observations", "text", "return_logits", "expected_position"))
 

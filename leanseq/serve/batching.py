@@ -449,8 +449,8 @@ class Engine:
             job.result = self._describe(new)
             done.append(job)
         elif kind == "push":
-            position = self.pool.position(sid)
-            if job.expected_position is not None and job.expected_position != position:
+            # a position read is a tensor index (microseconds): only when the client asked to check it
+            if job.expected_position is not None and job.expected_position != (position := self.pool.position(sid)):
                 raise ServeError(409, "position_mismatch",
                                  f"session {sid} is at position {position}, not the expected {job.expected_position} "
                                  "(an earlier push was applied, or another client pushed): GET the session and retry")

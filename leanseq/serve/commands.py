@@ -105,7 +105,8 @@ def build(args):
             pass  # a token-id model: sessions work, the text endpoints answer 400
     store = SQLiteStore(args.db, synchronous=args.sync)
     engine = Engine(model, store, tokenizer=tokenizer, max_sessions_per_key=args.max_sessions_per_key,
-                    idle_seconds=args.idle_seconds, max_live=args.max_live, meter=Meter(reset_peak_rss=False))
+                    idle_seconds=args.idle_seconds, max_live=args.max_live,
+                    meter=Meter(reset_peak_rss=False, track_rss=False))  # no /proc reads per round
     config = ServeConfig(model_name=args.name or Path(folder).name, api_keys=keys, no_auth=args.no_auth,
                          max_tokens_per_request=args.max_tokens_per_request, max_body_bytes=args.max_body_bytes,
                          max_concurrent_streams=args.max_concurrent_streams)

@@ -196,6 +196,22 @@ def test_peak_rss_lifetime_when_not_reset():
     assert r.cuda_peak_allocated_bytes is None and r.device == "cpu"
 
 
+def test_no_memory_reading_when_rss_not_tracked(clocks, monkeypatch):
+    """A server meters every round: track_rss=False must not touch /proc, and still measure time and energy."""
+    def no_proc():
+        raise AssertionError("read /proc although track_rss=False")
+
+    monkeypatch.setattr(meter_mod, "_rss_now_and_peak", no_proc)
+    wall, cpu = clocks
+    meter = Meter("estimate", cpu_watts=10, track_rss=False, clock=wall, cpu_clock=cpu)
+    with meter.measure() as window:
+        cpu.advance(0.5)
+    r = window.result
+    assert r.energy_j == pytest.approx(5.0)
+    assert (r.peak_rss_bytes, r.rss_start_bytes, r.peak_rss_scope) == (None, None, "not tracked")
+    assert "peak RSS" not in str(r)
+
+
 def test_cli_helpers(clocks):
     parser = argparse.ArgumentParser()
     add_cli_arguments(parser)
