@@ -78,3 +78,13 @@ def make_server(tmp_path):
 @pytest.fixture(autouse=True)
 def _one_thread_each_test(one_thread):
     """Every test here runs on one torch thread (see tests/conftest.py)."""
+
+
+def export_and_import(http, sid: str) -> tuple[str, bytes]:
+    """Export session `sid` as its state blob, import it as a new session -> (the new id, the blob)."""
+    blob = http.get(f"/v1/sessions/{sid}/export")
+    assert blob.status_code == 200 and blob.content.startswith(b"LSQSTATE")
+    imported = http.post("/v1/sessions/import", content=blob.content,
+                         headers={"Content-Type": "application/octet-stream"})
+    assert imported.status_code == 201, imported.text
+    return imported.json()["id"], blob.content

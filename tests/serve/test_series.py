@@ -15,7 +15,7 @@ from leanseq.series import SeriesModel
 from leanseq.serve.batching import Engine, Job
 from leanseq.serve.store import SQLiteStore
 from leanseq.stream import Session
-from tests.serve.conftest import KEY_A, LiveServer, serve_argv
+from tests.serve.conftest import KEY_A, LiveServer, export_and_import, serve_argv
 
 OWNER = "owner-a"
 # two channels, the second with a missing value (null): the encoder feeds it as 0 with its missing flag
@@ -132,12 +132,7 @@ def test_websocket_pushes_observations(http, server):
 
 def test_fork_export_import_round_trip(http):
     sid = http.post("/v1/sessions", json={"observations": SERIES[:3]}).json()["id"]
-    blob = http.get(f"/v1/sessions/{sid}/export")
-    assert blob.status_code == 200 and blob.content.startswith(b"LSQSTATE")
-    imported = http.post("/v1/sessions/import", content=blob.content,
-                         headers={"Content-Type": "application/octet-stream"})
-    assert imported.status_code == 201, imported.text
-    copy = imported.json()["id"]
+    copy, _ = export_and_import(http, sid)
     fork = http.post(f"/v1/sessions/{sid}/fork").json()["id"]
     answers = [http.post(f"/v1/sessions/{s}/push", json={"observations": SERIES[3:]}).json()["predictions"]
                for s in (sid, copy, fork)]

@@ -11,7 +11,7 @@ from websockets.sync.client import connect
 
 import leanseq
 from leanseq.stream import Session
-from tests.serve.conftest import KEY_A, KEY_B, TEXT_MODEL, TOKEN_MODEL
+from tests.serve.conftest import KEY_A, KEY_B, TEXT_MODEL, TOKEN_MODEL, export_and_import
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +76,11 @@ def test_fork_export_import_delete(http, text_server):
     assert fork.status_code == 201
     twin = fork.json()["id"]
     push(http, twin, list(b" to be"))  # the fork moves on; the original must not
-    blob = http.get(f"/v1/sessions/{sid}/export")
-    assert blob.status_code == 200 and blob.content.startswith(b"LSQSTATE")
-    imported = http.post("/v1/sessions/import", content=blob.content,
-                         headers={"Content-Type": "application/octet-stream"})
-    assert imported.status_code == 201, imported.text
-    copy = imported.json()["id"]
+    copy, blob = export_and_import(http, sid)
     assert http.get(f"/v1/sessions/{copy}").json()["position"] == len("To be, or not")
     a, b = push(http, sid, [32], return_logits=True), push(http, copy, [32], return_logits=True)
     assert a["logits"] == b["logits"] and a["position"] == b["position"]
-    tampered = bytearray(blob.content)
+    tampered = bytearray(blob)
     tampered[len(tampered) // 2] ^= 1
     bad = http.post("/v1/sessions/import", content=bytes(tampered), headers={"Content-Type": "application/octet-stream"})
     assert bad.status_code == 400 and "checksum" in bad.json()["error"]["message"]
