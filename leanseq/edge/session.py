@@ -25,13 +25,13 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from leanseq.edge.model import STATE_FIELDS, EdgeModel
+from leanseq.fileio import write_file_atomic
 
 MAGIC = b"LSQEDGE1"
 FORMAT_VERSION = 1
@@ -48,24 +48,6 @@ class EdgeStateError(ValueError):
 def model_fingerprint(model: EdgeModel) -> str:
     """sha256 over the exported files' digests (graphs hold the weights): one value per exported model."""
     return hashlib.sha256(json.dumps(model.manifest["files"], sort_keys=True).encode()).hexdigest()
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """data -> path through a temporary sibling, fsync and os.replace: a reader sees the old file or the new."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def encode_state(model: EdgeModel, state: dict, last_logits: np.ndarray | None) -> bytes:
@@ -175,7 +157,7 @@ class EdgeSession:
         return encode_state(self.model, self.state, last)
 
     def save(self, path: str | os.PathLike) -> Path:
-        return write_atomic(path, self.state_bytes())
+        return write_file_atomic(path, self.state_bytes())
 
     @classmethod
     def restore(cls, model: EdgeModel, blob: bytes) -> EdgeSession:

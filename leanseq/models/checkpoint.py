@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from leanseq import fileio
+
 try:
     import fcntl
 except ImportError:  # not on Windows: replaced versions are then deleted at once and readers retry
@@ -264,22 +266,8 @@ def write_file_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     the old file or the new one. Creates the folder; first removes scratch copies that earlier writers, killed
     mid-save, left next to `path` (see remove_leftovers)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path)
-    fd, tmp = tempfile.mkstemp(prefix=scratch_prefix(path, "tmp"), dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return fileio.write_file_atomic(path, data, prefix=scratch_prefix(path, "tmp"))
 
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths in one atomic rename (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable."""

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from leanseq.fileio import write_file_atomic
 from leanseq.ops.export_mode import is_exporting
 
 _SOURCE = Path(__file__).parent / "csrc" / "selective_scan.c"
@@ -255,20 +256,6 @@ def _read_fd(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file (0600) beside `path`, fsync it, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _cache_secret(folder: Path) -> bytes:
     """The cache's HMAC key: 32 random bytes in a 0600 file, created once (the first writer wins a race)."""
     path = folder / "hmac.key"
@@ -393,7 +380,7 @@ def _compile_and_load(compiler: list[str], target: Path, secret: bytes, build_ke
         raise
     try:
         os.fsync(fd)
-        _write_atomic(_record_path(target), _record_text(secret, build_key, _read_fd(fd)).encode())
+        write_file_atomic(_record_path(target), _record_text(secret, build_key, _read_fd(fd)), prefix=".tmp-")
         os.replace(tmp, target)  # atomic: concurrent builders never load a half-written library
         _fsync_dir(target.parent)
     except BaseException:

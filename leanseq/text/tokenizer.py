@@ -33,6 +33,8 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from leanseq.fileio import write_file_atomic
+
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 BYTE_TOKENIZER_CLASS = "LeanseqByteTokenizer"
@@ -293,9 +295,7 @@ def _token_string(value) -> str | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_file_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _import_tokenizers():
