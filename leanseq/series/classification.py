@@ -465,22 +465,25 @@ def fit_scanbank(ds: Dataset, settings: ClassifySettings, seed: int):
     model = ScanBankClassifier(bank, len(classes))
     head = model.fit_head(feats, labels, seed=seed)
     return model, {"ridge_alpha": head["alpha"], "pools": head["pools"], "head_cuts": head["cuts"],
-                   "cv_accuracy": head["cv_accuracy"],
+                   "cv_accuracy": head["cv_accuracy"], "anytime_head": head["anytime"],
                    "width": config.width, "timescale": config.timescale}
 
 
 def predict_scanbank(model, series: list[np.ndarray], fractions=ANYTIME_FRACTIONS) -> dict:
-    """One pass per test series -> predicted class indices at the full length and at each fraction."""
+    """One pass per test series -> predicted class indices at the full length (the final head) and at each
+    fraction (the anytime head: the series has not ended there)."""
     feats = torch.from_numpy(bank_features(model.bank, series, (1.0, *fractions)))  # (N, 1 + F, 4W)
     with torch.no_grad():
-        pred = model.head(feats).argmax(-1).numpy()  # (N, 1 + F)
-    return {"full": pred[:, 0], **{f: pred[:, 1 + i] for i, f in enumerate(fractions)}}
+        full = model.head_for(at_end=True)(feats[:, 0]).argmax(-1).numpy()  # (N,)
+        cut = model.head_for(at_end=False)(feats[:, 1:]).argmax(-1).numpy()  # (N, F)
+    return {"full": full, **{f: cut[:, i] for i, f in enumerate(fractions)}}
 
 
 def scanbank_size(model) -> tuple[int, int]:
-    """(trained parameters: the head's, bytes stored: the bank's random buffers + the head)."""
-    head = sum(p.numel() for p in model.head.parameters())
-    return head, model.bank.num_bytes() + 4 * head
+    """(trained parameters: the heads' (final + anytime when separate), bytes stored: the bank's random buffers +
+    the heads)."""
+    heads = model.num_head_parameters()
+    return heads, model.bank.num_bytes() + 4 * heads
 
 
 # ---- aeon baselines -----------------------------------------------------------------------------------------
@@ -712,16 +715,19 @@ def _describe_ours(s: dict) -> str:
     return (f"scan bank: {s['bank_width']} untrained selective-scan channels (state {s['bank_state_size']}, "
             f"random seeded weights) pooled causally (running max, mean, PPV; current response), a ridge head "
             f"fitted on features at 100% and {cuts} of each train series (or at 100% and the first of those, or "
-            f"100% alone), that choice, its readout and penalty made by 3x5-fold CV over train series; params = the head's (the only trained part), bytes = bank + head")
+            f"100% alone), that choice, its readout and penalty made by 3x5-fold CV over train series; when it drops "
+            f"cut rows, a second (anytime) head fitted on every cut answers before the end; params = the heads' "
+            f"(the only trained part), bytes = bank + heads")
 
 
 def _rows_fitted(run: dict, settings: dict) -> str:
-    """' (rows at 100/75%)' when CV fitted the head on fewer than every cut read, else ''."""
+    """' (rows at 100/75%)' when CV fitted the final head on fewer than every cut read, else ''."""
     fitted, cuts = run.get("head_cuts"), settings.get("readout_cuts", ())
     fitted = {True: None, False: 1}.get(fitted, fitted) if isinstance(fitted, bool) else fitted  # older reports
     if fitted is None or fitted >= 1 + len(cuts):
         return ""
-    return " (rows at " + "/".join(f"{100 * f:.0f}" for f in (1.0, *cuts[: fitted - 1])) + "%)"
+    anytime = " + anytime head on every cut" if run.get("anytime_head") else ""
+    return " (rows at " + "/".join(f"{100 * f:.0f}" for f in (1.0, *cuts[: fitted - 1])) + "%" + anytime + ")"
 
 
 def format_table(report: dict) -> str:

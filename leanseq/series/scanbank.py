@@ -20,9 +20,10 @@ observation t are exact for the prefix 1..t: one pass gives an answer at every c
 
 What is fitted from data (no labels): the per-channel mean and standard deviation of the training values
 (the normaliser) and each channel's PPV threshold, a random quantile (25-75%) of that channel's response on
-a random training series. Everything else is drawn once from `seed` and never changes. A linear head on the
+a random training series. Everything else is drawn once from `seed` and never changes. Linear heads on the
 standardised features (ScanBankClassifier; ridge regression, penalty chosen by cross-validation on the train
-split) is the only supervised part.
+split) are the only supervised part: a final head for a series read to its end and, when cross-validation fitted
+that one on full-length rows only, an anytime head fitted on every cut for answers before the end.
 
 Missing values (NaN) enter as 0 plus a per-channel missing flag with its own random weights, as in
 leanseq.series.encoder; infinite values are refused.
@@ -272,37 +273,63 @@ class ScanBank(nn.Module):
 
 
 class ScanBankClassifier(nn.Module):
-    """A ScanBank and a linear head on its standardised features: class scores after every observation."""
+    """A ScanBank and two linear heads on its standardised features: class scores after every observation.
+
+    The final head answers once a series has ended (forward's default, step(..., at_end=True)); the anytime head
+    answers before the end, from the prefix read so far (forward(..., at_end=False), step's default). fit_head
+    fits the final head on the rows cross-validation chose (on some datasets the full-length rows alone, which
+    reads whole series best but early cuts badly) and the anytime head on every cut read; when CV chose every cut
+    the two are one head, stored once (anytime_head is None)."""
 
     def __init__(self, bank: ScanBank, n_classes: int):
         super().__init__()
         self.bank = bank
-        self.head = nn.Linear(bank.num_features, n_classes)
+        self.head = nn.Linear(bank.num_features, n_classes)  # the final head: a series read to its end
+        self.anytime_head: nn.Linear | None = None  # before the end; None = the final head serves both
+
+    def head_for(self, at_end: bool) -> nn.Linear:
+        return self.head if at_end or self.anytime_head is None else self.anytime_head
 
     def init_state(self, batch_size: int) -> ScanBankState:
         return self.bank.init_state(batch_size)
 
     @torch.no_grad()
-    def forward(self, values, state=None, return_state: bool = False, read_at=None):
+    def forward(self, values, state=None, return_state: bool = False, read_at=None, at_end: bool = True):
+        """values (B, L, C) -> class scores (B, K) after the last observation, or (B, P, K) at read_at (as
+        ScanBank.forward). at_end=True (default): the rows read are whole series, scored by the final head;
+        at_end=False: they are prefixes of series still going (cuts, a chunk of a stream), scored by the anytime
+        head."""
         out = self.bank(values, state=state, return_state=return_state, read_at=read_at)
-        return (self.head(out[0]), out[1]) if return_state else self.head(out)
+        head = self.head_for(at_end)
+        return (head(out[0]), out[1]) if return_state else head(out)
 
     @torch.no_grad()
-    def step(self, values_t, state: ScanBankState):
+    def step(self, values_t, state: ScanBankState, at_end: bool = False):
+        """One observation per row (B, C) -> (class scores (B, K), the new state). The scores are the answer so far
+        (anytime head); pass at_end=True with a stream's last observation for the final head's answer (equal to
+        forward over the whole series)."""
         feats, state = self.bank.step(values_t, state)
-        return self.head(feats), state
+        return self.head_for(at_end)(feats), state
+
+    def num_head_parameters(self) -> int:
+        """Trained numbers: the final head's, plus the anytime head's when it is a separate head."""
+        return sum(p.numel() for p in self.parameters())  # the bank holds buffers only
 
     def fit_head(self, feats: np.ndarray, labels: np.ndarray, alphas=RIDGE_PENALTIES, choices=POOL_CHOICES,
                  cut_choices=CUT_CHOICES, folds: int = 5, repeats: int = 3, seed: int = 0) -> dict:
         """Ridge regression of +-1 one-hot labels on standardised features. feats (N, P, 4W) holds each train
-        series read at P cuts (index 0: its full length), labels (N,) its class index. Which rows it fits
-        (`cut_choices`: None = every cut, k = the first k cuts, 1 = the full-length rows alone), which blocks (one of
-        `choices`, see POOLS) and which penalty are chosen by k-fold cross-validation over series, repeated with
-        `repeats` shuffles (all cuts of a series in the same fold: nothing of a held-out series is seen), scored
-        by full-length accuracy (ties: the earlier rows choice, then the earlier blocks, then the larger
-        penalty); then the head is refitted on the chosen rows, with zero weight on the blocks not chosen.
-        Standardisation is folded into the Linear head. Returns {"alpha": penalty, "pools": the chosen blocks,
-        "cuts": how many of each series' rows were fitted, "cv_accuracy": % of train series}."""
+        series read at P cuts (index 0: its full length), labels (N,) its class index. Which rows the final head
+        fits (`cut_choices`: None = every cut, k = the first k cuts, 1 = the full-length rows alone), which blocks
+        (one of `choices`, see POOLS) and which penalty are chosen by k-fold cross-validation over series, repeated
+        with `repeats` shuffles (all cuts of a series in the same fold: nothing of a held-out series is seen),
+        scored by full-length accuracy (ties: the earlier rows choice, then the earlier blocks, then the larger
+        penalty); then the head is refitted on the chosen rows, with zero weight on the blocks not chosen. The
+        anytime head is fitted on every cut read, with the blocks and penalty the same CV scored best for those
+        rows (the chosen ones when `cut_choices` lacks None); when the final head's rows are every cut already it
+        is the final head itself (anytime_head = None). Standardisation is folded into the Linear heads. Returns
+        {"alpha": penalty, "pools": the chosen blocks, "cuts": how many of each series' rows were fitted,
+        "cv_accuracy": % of train series, "anytime": None when shared, else {"alpha", "pools", "cuts"} of the
+        anytime head}."""
         n, cuts, width = feats.shape
         k, w = self.head.out_features, self.bank.config.width
         flat = feats.reshape(n * cuts, width).astype(np.float64)
@@ -332,22 +359,36 @@ class ScanBankClassifier(nn.Module):
                     for a, alpha in enumerate(alphas):
                         scores = cross_c @ dual_for(alpha) + y_rows.mean(0)
                         correct[u, c, a] += (scores.argmax(1) == labels[held]).sum()
-        u, c, a = max(np.ndindex(*correct.shape), key=lambda uca: (correct[uca], -uca[0], -uca[1], alphas[uca[2]]))
-        used = cut_choices[u]
-        cols = np.concatenate([np.arange(width)[block[b]] for b in choices[c]])
-        rows = x[:, :used].reshape(-1, width)[:, cols]
-        rows_mean = rows.mean(0)
-        rows = rows - rows_mean
-        y_rows = np.repeat(target, used, axis=0)  # coef below: (K, F chosen)
-        coef = (rows.T.astype(np.float64) @ _ridge_dual((rows @ rows.T).astype(np.float64), y_rows)(alphas[a])).T
-        weight = np.zeros((k, width))
-        weight[:, cols] = coef / std[cols]  # ((x - m) / s) @ coef.T == x @ (coef / s).T - (coef / s) @ m
-        bias = y_rows.mean(0) - coef @ rows_mean - weight @ mean
-        with torch.no_grad():
-            self.head.weight.copy_(torch.from_numpy(weight).float())
-            self.head.bias.copy_(torch.from_numpy(bias).float())
-        return {"alpha": float(alphas[a]), "pools": list(choices[c]), "cuts": cut_choices[u],
-                "cv_accuracy": float(100 * correct[u, c, a] / (n * repeats))}
+
+        def best(options):  # ties: the earlier rows choice, then the earlier blocks, then the larger penalty
+            return max(options, key=lambda uca: (correct[uca], -uca[0], -uca[1], alphas[uca[2]]))
+
+        def fit(head: nn.Linear, used: int, choice, alpha: float) -> None:
+            cols = np.concatenate([np.arange(width)[block[b]] for b in choice])
+            rows = x[:, :used].reshape(-1, width)[:, cols]
+            rows_mean = rows.mean(0)
+            rows = rows - rows_mean
+            y_rows = np.repeat(target, used, axis=0)  # coef below: (K, F chosen)
+            coef = (rows.T.astype(np.float64) @ _ridge_dual((rows @ rows.T).astype(np.float64), y_rows)(alpha)).T
+            weight = np.zeros((k, width))
+            weight[:, cols] = coef / std[cols]  # ((x - m) / s) @ coef.T == x @ (coef / s).T - (coef / s) @ m
+            bias = y_rows.mean(0) - coef @ rows_mean - weight @ mean
+            with torch.no_grad():
+                head.weight.copy_(torch.from_numpy(weight).float())
+                head.bias.copy_(torch.from_numpy(bias).float())
+
+        u, c, a = best(np.ndindex(*correct.shape))
+        fit(self.head, cut_choices[u], choices[c], alphas[a])
+        info = {"alpha": float(alphas[a]), "pools": list(choices[c]), "cuts": cut_choices[u],
+                "cv_accuracy": float(100 * correct[u, c, a] / (n * repeats)), "anytime": None}
+        self.anytime_head = None
+        if cut_choices[u] < cuts:  # the final head skipped cut rows: the anytime answers get their own head
+            if cuts in cut_choices:
+                _, c, a = best((cut_choices.index(cuts), cc, aa) for cc, aa in np.ndindex(*correct.shape[1:]))
+            self.anytime_head = nn.Linear(width, k)
+            fit(self.anytime_head, cuts, choices[c], alphas[a])
+            info["anytime"] = {"alpha": float(alphas[a]), "pools": list(choices[c]), "cuts": cuts}
+        return info
 
 
 def _folds(labels: np.ndarray, folds: int, seed: int):

@@ -92,7 +92,7 @@ def test_ridge_head_learns_and_classifier_streams():
     assert (model(x[30:]).argmax(-1).numpy() == labels[30:]).mean() >= 0.9
     state = model.init_state(10)
     for t in range(24):
-        logits, state = model.step(x[30:, t], state)
+        logits, state = model.step(x[30:, t], state, at_end=t == 23)
     torch.testing.assert_close(logits, model(x[30:]), atol=1e-3, rtol=1e-3)
 
 
@@ -117,3 +117,58 @@ def test_cross_validation_drops_cut_rows_only_when_they_mislead():
     assert with_cuts_only["cuts"] == 2 and with_cuts_only["cv_accuracy"] < 60  # near chance: the rows contradict
     with pytest.raises(ValueError, match="cut_choices"):
         ScanBankClassifier(bank, 2).fit_head(misleading, labels, cut_choices=(0,))
+
+
+def test_anytime_head_answers_cuts_and_final_head_answers_the_end():
+    # at full length the class shows in feature 0; at the cut it shows in feature 1 and reversed in feature 0, so
+    # CV fits the final head on full-length rows alone and the answers before the end come from a second head
+    # fitted on every cut (a real bank underneath, so streaming can be checked against one pass)
+    rng = np.random.default_rng(3)
+    bank, _ = small_bank(channels=1)
+    x = torch.from_numpy(rng.normal(size=(40, 12, 1))).float()
+    labels = np.array([0, 1] * 20)
+    feats = bank(x, read_at=torch.tensor([[11, 5]] * 40)).numpy()  # (40, 2, F): full length and 50%
+    sign = 2.0 * labels - 1
+    feats[:, 0, 0] += 50 * sign
+    feats[:, 1, 0] -= 50 * sign
+    feats[:, 1, 1] += 50 * sign
+    model = ScanBankClassifier(bank, 2)
+    info = model.fit_head(feats, labels, choices=(("max",),))
+    assert info["cuts"] == 1 and info["anytime"] == {"alpha": info["anytime"]["alpha"], "pools": ["max"], "cuts": 2}
+    assert model.anytime_head is not None and not torch.equal(model.anytime_head.weight, model.head.weight)
+    assert model.num_head_parameters() == 2 * sum(p.numel() for p in model.head.parameters())  # both are counted
+    t = torch.from_numpy(feats)
+    pred_cut = model.anytime_head(t[:, 1]).argmax(-1).numpy()
+    assert (pred_cut == labels).mean() >= 0.9  # the anytime head reads the cuts right ...
+    assert (model.head(t[:, 1]).argmax(-1).numpy() == labels).mean() <= 0.1  # ... where the final head reverses them
+    assert (model.head(t[:, 0]).argmax(-1).numpy() == labels).mean() >= 0.9
+    # the API: cuts and stream prefixes go to the anytime head, whole series to the final head
+    at = torch.tensor([[5, 11]] * 4)
+    torch.testing.assert_close(model(x[:4], read_at=at, at_end=False), model.anytime_head(bank(x[:4], read_at=at)))
+    torch.testing.assert_close(model(x[:4]), model.head(bank(x[:4])))
+    state = model.init_state(4)
+    for step in range(12):
+        so_far, _ = model.step(x[:4, step], state)  # the answer so far: anytime head
+        scores, state = model.step(x[:4, step], state, at_end=step == 11)
+        if step == 5:
+            torch.testing.assert_close(scores, model(x[:4, :6], at_end=False), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(so_far, model(x[:4], at_end=False), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(scores, model(x[:4]), atol=1e-3, rtol=1e-3)  # the end: the final head
+    # chunks carry the state: the final head after the last chunk equals one pass
+    _, chunk_state = model(x[:4, :7], return_state=True, at_end=False)
+    torch.testing.assert_close(model(x[:4, 7:], state=chunk_state), model(x[:4]), atol=1e-4, rtol=1e-4)
+
+
+def test_one_head_when_cross_validation_keeps_every_cut():
+    rng = np.random.default_rng(4)
+    labels = np.array([0, 1] * 20)
+    bank = ScanBank(ScanBankConfig(channels=1, width=32, group_width=16, timescale=8), seed=0)
+    feats = rng.normal(0, 1, (40, 2, bank.num_features))
+    feats[:, :, 0] += 5 * (2.0 * labels - 1)[:, None]  # the class shows at the cut as at the end
+    model = ScanBankClassifier(bank, 2)
+    info = model.fit_head(feats, labels, choices=(("max",),))
+    assert info["cuts"] == 2 and info["anytime"] is None and model.anytime_head is None  # stored once
+    assert model.head_for(at_end=False) is model.head_for(at_end=True) is model.head
+    assert model.num_head_parameters() == sum(p.numel() for p in model.head.parameters())
+    x = torch.randn(3, 9, 1)
+    torch.testing.assert_close(model(x, at_end=False), model(x))
