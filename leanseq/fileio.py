@@ -29,3 +29,22 @@ def write_file_atomic(path: str | os.PathLike, data: bytes | str, prefix: str | 
             pass
         raise
     return path
+
+
+def save_figure_atomic(fig, path: str | os.PathLike, **savefig_kwargs) -> Path:
+    """A matplotlib figure -> path via a temporary sibling (same suffix, so savefig infers the same format) and
+    os.replace: a reader never sees half an image. Creates the folder; keyword arguments go to fig.savefig."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, **savefig_kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path

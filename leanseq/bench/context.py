@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 
 from leanseq.energy import Meter
+from leanseq.energy.machine import cpu_name, load_average
+from leanseq.fileio import save_figure_atomic
 from leanseq.models.base import LanguageModel
 from leanseq.models.checkpoint import write_file_atomic
 
@@ -360,7 +362,7 @@ def run_context_race(
     from tqdm.auto import tqdm
 
     rows = []
-    load_start = _load_average()  # other work on the machine slows both models; recorded, not corrected
+    load_start = load_average()  # other work on the machine slows both models; recorded, not corrected
     started = time.perf_counter()
     bar = tqdm(total=2 * len(lengths), desc="context race", unit="run", disable=not progress, file=sys.stderr)
     with torch.inference_mode():
@@ -387,7 +389,7 @@ def run_context_race(
                 bar.update(1)
     bar.close()
 
-    load_end = _load_average()
+    load_end = load_average()
     results = {
         "benchmark": "context race",
         "models": {s.name: {**describe_model(s.model), "source": s.source} for s in streams},
@@ -406,27 +408,13 @@ def run_context_race(
     return results
 
 
-def _load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
-
-
 def run_metadata() -> dict:
     import numpy
 
     import leanseq
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
     return {
-        "machine": {"platform": platform.platform(), "cpu": cpu, "logical_cpus": os.cpu_count()},
+        "machine": {"platform": platform.platform(), "cpu": cpu_name(), "logical_cpus": os.cpu_count()},
         "torch_threads": torch.get_num_threads(),
         "versions": {"leanseq": leanseq.__version__, "torch": torch.__version__, "python": platform.python_version(),
                      "numpy": numpy.__version__},
@@ -534,11 +522,8 @@ def plot(results: dict, path: str | os.PathLike) -> Path:
     fig.suptitle(f"context race on {meta['machine']['cpu']}, torch threads: {meta['torch_threads']}; "
                  f"energy {results['energy']['method']}", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110)
+    path = save_figure_atomic(fig, path, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

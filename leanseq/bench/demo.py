@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from leanseq.bench.context import estimate_memory, is_transformer, predict_seconds, run_metadata
-from leanseq.bench.repro import _load_average
+from leanseq.energy.machine import load_average
 
 BUNDLED = {"mamba": "induction-mamba", "transformer": "induction-transformer"}
 DEFAULT_LENGTHS = tuple(4**k for k in range(4, 11))  # 2^8, 2^10, ..., 2^20
@@ -113,7 +113,7 @@ def run_demo(models: dict, settings: DemoSettings, meter=None, progress: bool = 
 
     meter = meter or Meter()
     vocab = min(m.vocab_size for m in models.values())
-    load_start = _load_average()
+    load_start = load_average()
     started = time.perf_counter()
     total = sum(settings.samples_at(n) * n for n in settings.lengths) * len(models)
     bar = tqdm(total=total, desc="demo", unit="tok", unit_scale=True, disable=not progress, file=sys.stderr)
@@ -155,7 +155,7 @@ def run_demo(models: dict, settings: DemoSettings, meter=None, progress: bool = 
         "settings": dataclasses.asdict(settings),
         "rows": rows,
         "energy": {"method": meter.method, "backend": meter.backend_name, "why": meter.backend_reason},
-        "metadata": {**run_metadata(), "load_average_1m": {"start": load_start, "end": _load_average()}},
+        "metadata": {**run_metadata(), "load_average_1m": {"start": load_start, "end": load_average()}},
         "total_wall_s": time.perf_counter() - started,
     }
     results["headline"] = headline(results)

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 from leanseq.bench.context import estimate_memory, is_transformer, predict_seconds, run_metadata
+from leanseq.energy.machine import load_average
+from leanseq.fileio import save_figure_atomic
 from leanseq.models.checkpoint import write_file_atomic
 
 # ---- the published numbers ----------------------------------------------------------------------------------
@@ -323,16 +325,9 @@ def run_induction(settings: InductionSettings, out_dir: str | os.PathLike, progr
                 entry.update(status="ok", correct=correct, accuracy=correct / n, seconds=seconds)
             results["models"][name]["accuracy"][str(length)] = entry
     bar.close()
-    results["metadata"] = {**run_metadata(), "load_average_1m": _load_average()}
+    results["metadata"] = {**run_metadata(), "load_average_1m": load_average()}
     results["total_wall_s"] = time.perf_counter() - started
     return results
-
-
-def _load_average():
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
 
 
 # ---- selective copying --------------------------------------------------------------------------------------
@@ -376,7 +371,7 @@ def run_selective_copy(settings: SelectiveCopySettings, out_dir: str | os.PathLi
             "paper_row": SELECTIVE_COPY_PAPER_ROW[name], "num_parameters": model.num_parameters(),
             "training": info, "accuracy": acc, "eval_samples": settings.eval_samples,
         }
-    results["metadata"] = {**run_metadata(), "load_average_1m": _load_average()}
+    results["metadata"] = {**run_metadata(), "load_average_1m": load_average()}
     results["total_wall_s"] = time.perf_counter() - started
     return results
 
@@ -545,13 +540,9 @@ def plot_selective_copy(results: dict, path: str | os.PathLike) -> Path:
 
 
 def _save(fig, plt, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fig.tight_layout()
-    fig.savefig(tmp, format="png", dpi=110)
+    path = save_figure_atomic(fig, path, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

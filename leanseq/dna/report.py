@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from leanseq.fileio import save_figure_atomic
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    return save_figure_atomic(fig, path, dpi=120, bbox_inches="tight")
 
 
 def roc_plot(report: dict, path: Path) -> Path | None:

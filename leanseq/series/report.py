@@ -8,17 +8,15 @@ import sys
 import time
 from pathlib import Path
 
+from leanseq.energy.machine import cpu_name, load_average
+from leanseq.fileio import save_figure_atomic
 from leanseq.models.checkpoint import write_file_atomic
 
 
 def save_figure(fig, plt, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fig.tight_layout()
-    fig.savefig(tmp, format="png", dpi=100)
+    path = save_figure_atomic(fig, path, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -28,18 +26,8 @@ def run_metadata() -> dict:
 
     import leanseq
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = None
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform(), "load_average_1m": load,
+    return {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "platform": platform.platform(),
+            "load_average_1m": load_average(),
             "versions": {"leanseq": leanseq.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
                          "python": platform.python_version()},
             "command_line": " ".join(sys.argv), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from leanseq.energy.machine import load_average
 from leanseq.models.checkpoint import write_file_atomic
 
 DEFAULT_SOURCE = "leanseq.text.corpus:load_corpus"
@@ -162,7 +163,7 @@ def run_metadata() -> dict:
     return {"platform": platform.platform(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "versions": {"leanseq": leanseq.__version__, "torch": torch.__version__,
                          "python": platform.python_version()},
-            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+            "load_average_1m": load_average()}
 
 
 class _Side:
