@@ -30,17 +30,17 @@ fingerprint, tensor shapes) is moved to quarantine and reported, never loaded.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import copy
 import itertools
 import logging
 import math
-import queue
 import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -116,11 +116,10 @@ def _resolve(jobs: list[Job]) -> None:
         waiter = job.waiter[1]
         if waiter.done():  # the request was cancelled (client gone)
             continue
-        error = job.future.exception()
-        if error is not None:
-            waiter.set_exception(error)
+        if job.error is not None:
+            waiter.set_exception(job.error)
         else:
-            waiter.set_result(job.future.result())
+            waiter.set_result(job.result)
 
 
 class TokenSampler:
@@ -153,8 +152,14 @@ class TokenSampler:
         return ""
 
 
-@dataclass
+@dataclass(slots=True)
 class Job:
+    """One request for the engine. Its outcome is `result` or `error` once `finished`; the caller waits on its
+    asyncio future (`waiter`, answered with the round's other answers in one wake-up of that loop) or, a caller
+    without one (a thread, a test), on the concurrent future that submit() returns. Slotted and without a future
+    of its own: one is built per WebSocket message, and a concurrent Future (a Condition and its lock) per push
+    was a good part of the event loop's cost per message."""
+
     kind: str  # open | push | generate | info | delete | fork | export | import
     owner: str
     session_id: str | None = None
@@ -172,19 +177,30 @@ class Job:
     render: Callable | None = None  # (messages, add_generation_prompt) -> text, for chat_user
     cancelled: bool = False
     # engine-side progress
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    future: concurrent.futures.Future | None = None  # made by submit() for a caller without a waiter
     # (event loop, asyncio future): answered with the round's other answers in one wake-up of that loop
     waiter: tuple | None = None
     delivered: bool = False
     started: bool = False
     pending: tuple | None = None  # (token, text piece) chosen, to be stepped this round
-    stepped: list[int] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
+    stepped: list[int] | None = None  # a generation's tokens and text pieces so far
+    text: list[str] | None = None
     result: object = None
+    error: BaseException | None = None
+    finished: bool = False
+
+    def finish(self, result) -> None:
+        if self.finished:
+            return
+        self.result, self.finished = result, True
+        if self.future is not None:
+            self.future.set_result(result)
 
     def fail(self, exc: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(exc)
+        if not self.finished:
+            self.error, self.finished = exc, True
+            if self.future is not None:
+                self.future.set_exception(exc)
         if self.emit is not None:
             self.emit({"error": exc})
 
@@ -215,6 +231,7 @@ class Engine:
         # the largest observed value a series model takes: beyond it a value becomes infinite in the model's dtype
         self.value_limit = float(torch.finfo(self.model.dtype).max) if self.series else None
         self._pad_steps = 0
+        self._evicted_at = 0.0
         self.max_sessions_per_key = max_sessions_per_key
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
@@ -237,7 +254,10 @@ class Engine:
                       "joules": 0.0, "evicted": 0, "loaded": 0, "quarantined": len(self.quarantined),
                       "batch_rows": 0, "checkpoints": 0, "log_entries": 0, "replayed": 0}
         self.energy_method = meter.method if meter is not None else "not metered"
-        self._queue: queue.Queue = queue.Queue()
+        # submitted jobs: a deque (append and popleft are atomic) and an event set only when the engine may be
+        # asleep, rather than a queue.Queue, whose put takes a lock and notifies a Condition on every push
+        self._queue: collections.deque = collections.deque()
+        self._wake = threading.Event()
         self._pending: list[Job] = []
         self._stopping = threading.Event()
         self._ephemeral_ids = itertools.count()
@@ -249,10 +269,16 @@ class Engine:
         self._thread.start()
 
     # ---- the request side (any thread) -------------------------------------------------------------------
-    def submit(self, job: Job) -> concurrent.futures.Future:
+    def submit(self, job: Job) -> concurrent.futures.Future | None:
+        """Queue a job. A job without a waiter gets a concurrent future, returned here; one with a waiter (an
+        asyncio caller) is answered through it, and None is returned."""
         if self._stopping.is_set():
             raise ServeError(503, "shutting_down", "the server is shutting down; retry on another replica")
-        self._queue.put(job)
+        if job.waiter is None and job.future is None:
+            job.future = concurrent.futures.Future()
+        self._queue.append(job)
+        if not self._wake.is_set():  # the engine clears it before it looks at an empty queue and sleeps
+            self._wake.set()
         return job.future
 
     def sessions_of(self, owner: str) -> int:
@@ -265,35 +291,38 @@ class Engine:
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the queued work, write every live session and close the store."""
         self._stopping.set()
-        self._queue.put(None)
+        self._queue.append(None)
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
         self.store.close()
 
     # ---- the engine thread ---------------------------------------------------------------------------------
     def _loop(self) -> None:
+        submitted, wake = self._queue, self._wake
         while True:
-            if not self._pending:
-                try:
-                    job = self._queue.get(timeout=1.0)
-                except queue.Empty:
+            if not self._pending and not submitted:
+                wake.clear()
+                if not submitted:  # a job appended after clear() sets the event again: no lost wake-up
+                    wake.wait(1.0)
+                if not submitted:
                     self._evict(time.monotonic())
                     continue
-                if job is None:
-                    break
-                self._pending.append(job)
             stop = False
-            while len(self._pending) < self.max_batch:
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
-                    break
+            pending = self._pending
+            while submitted and len(pending) < self.max_batch:
+                job = submitted.popleft()
                 if job is None:
                     stop = True
                     break
-                self._pending.append(job)
-            self._round()
-            self._evict(time.monotonic())
+                pending.append(job)
+            if pending:
+                self._round()
+            now = time.monotonic()
+            # idle sessions are looked for at most once a second (every round when idle_seconds is under that):
+            # the scan visits every live session, and a busy server runs hundreds of rounds a second
+            if now - self._evicted_at >= min(1.0, self.idle_seconds):
+                self._evict(now)
             if stop:
                 break
         # shutdown: generations still running end here (their states so far are written), queued work is refused
@@ -302,11 +331,8 @@ class Engine:
         while self._pending:
             self._round()
         self._checkpoint(list(self.unsaved))  # graceful: every live session leaves a checkpoint, no log to replay
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
+        while self._queue:
+            job = self._queue.popleft()
             if job is not None:
                 job.fail(ServeError(503, "shutting_down", "the server is shutting down"))
                 self._deliver([job])
@@ -338,7 +364,7 @@ class Engine:
         per job (each is a write to the loop's wake-up pipe)."""
         by_loop: dict = {}
         for job in jobs:
-            if job.waiter is not None and not job.delivered and job.future.done():
+            if job.waiter is not None and job.finished and not job.delivered:
                 job.delivered = True
                 by_loop.setdefault(job.waiter[0], []).append(job)
         for loop, done in by_loop.items():
@@ -394,7 +420,7 @@ class Engine:
         for job in done:
             self._finish(job)
         # generations that go on keep their place ahead of later jobs for the same session
-        going = [j for j in taken if j.kind == "generate" and not j.future.done() and j not in done]
+        going = [j for j in taken if j.kind == "generate" and not j.finished and j not in done]
         self._pending = going + self._pending
 
     # one job's part of a round: returns a token to step in the batch, or None when the job ran alone
@@ -474,6 +500,7 @@ class Engine:
             return None
         if not job.started:
             job.started = True
+            job.stepped, job.text = [], []
             if job.chat_user is not None:
                 self._chat_begin(job)
             job.sampler = job.make_sampler(list(job.tokens or []))
@@ -533,7 +560,7 @@ class Engine:
         self._choose(job, logits, done)
 
     def _finish(self, job: Job) -> None:
-        if job.future.done():
+        if job.finished:
             return
         if job.kind == "generate":
             sid = job.session_id
@@ -541,16 +568,17 @@ class Engine:
                 self._chat_end(job)
             finish = "cancelled" if job.cancelled else ("stop" if job.sampler.stopped_by in ("eos", "stop")
                                                          else "length")
-            job.result = {"id": sid, "tokens": list(job.stepped), "text": "".join(job.text),
+            stepped = job.stepped or []
+            job.result = {"id": sid, "tokens": list(stepped), "text": "".join(job.text or ()),
                           "finish_reason": finish, "prompt_tokens": len(job.tokens or []),
-                          "completion_tokens": len(job.stepped), "position": self.pool.position(sid)}
+                          "completion_tokens": len(stepped), "position": self.pool.position(sid)}
             if job.ephemeral:
                 self.pool.close(sid)
                 self.meta.pop(sid, None)
                 self.last_used.pop(sid, None)
             if job.emit is not None:
                 job.emit({"done": job.result})
-        job.future.set_result(job.result)
+        job.finish(job.result)
 
     # ---- chat bookkeeping (kept in the blob's metadata, so it is checksummed and restored with the state) ----
     def _chat_begin(self, job: Job) -> None:
@@ -573,7 +601,7 @@ class Engine:
 
     def _chat_end(self, job: Job) -> None:
         chat = self.meta[job.session_id]["serve"]["chat"]
-        chat["messages"].append({"role": "assistant", "content": "".join(job.text)})
+        chat["messages"].append({"role": "assistant", "content": "".join(job.text or ())})
         if self.tokenizer is not None and job.stepped:
             chat["fed"] += self.tokenizer.decode(job.stepped, skip_special_tokens=False)
         if not self.meta[job.session_id].get("ephemeral"):
@@ -672,6 +700,7 @@ class Engine:
                 self._evict_one(sid)
 
     def _evict(self, now: float) -> None:
+        self._evicted_at = now
         busy = {j.session_id for j in self._pending}
         for sid, used in list(self.last_used.items()):
             if now - used > self.idle_seconds and sid not in busy and not self.meta.get(sid, {}).get("ephemeral"):
