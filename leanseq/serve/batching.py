@@ -385,11 +385,22 @@ class Engine:
         self._pending = rest
         steps: dict[str, int] = {}
         step_jobs: list[Job] = []
+        pushes: list[Job] = []  # single-token pushes, stepped together and answered at once
         done: list[Job] = []
+        meta, pool = self.meta, self.pool
         meter = self.meter.measure() if self.meter is not None else None
         window = meter.__enter__() if meter is not None else None
         try:
             for job in taken:
+                sid = job.session_id
+                # the usual job under load: one token for a live session of this key, no position to check;
+                # everything _start would do for it is this (the rest take _start's general path)
+                if job.kind == "push" and job.expected_position is None and len(job.tokens) == 1:
+                    owned = meta.get(sid)
+                    if owned is not None and owned["owner"] == job.owner and sid in pool:
+                        steps[sid] = job.tokens[0]
+                        pushes.append(job)
+                        continue
                 try:
                     token = self._start(job, done)
                 except ServeError as exc:
@@ -399,8 +410,13 @@ class Engine:
                     continue
                 if token is not None:
                     steps[job.session_id] = token
-                    step_jobs.append(job)
-            step_logits = self._step(steps) if steps else {}
+                    if job.kind == "push":
+                        pushes.append(job)
+                    else:
+                        step_jobs.append(job)
+            if pushes:
+                self.last_used.update(dict.fromkeys([job.session_id for job in pushes], time.monotonic()))
+            step_logits, positions = self._step(steps) if steps else ({}, [])
         finally:
             if meter is not None:
                 meter.__exit__(None, None, None)
@@ -410,13 +426,10 @@ class Engine:
         self.stats["rounds"] += 1
         self.stats["predictions"] += len(steps)
         self._persist()
-        pushes = [job for job in step_jobs if job.kind == "push"]
         if pushes:
-            self._answer_pushes(pushes, step_logits)
-            done.extend(pushes)
+            self._answer_pushes(pushes, step_logits, dict(zip(steps, positions)))
         for job in step_jobs:
-            if job.kind != "push":
-                self._after_step(job, step_logits[job.session_id], done)
+            self._after_step(job, step_logits[job.session_id], done)
         for job in done:
             self._finish(job)
         # generations that go on keep their place ahead of later jobs for the same session
@@ -525,31 +538,26 @@ class Engine:
         piece = job.sampler.accept(token)
         job.pending = (token, piece)
 
-    def _answer_pushes(self, jobs: list[Job], step_logits: dict) -> None:
-        """The answers of a round's single-token pushes, read off the batch at once (one argmax, one position
-        read) rather than row by row: at a few hundred streams per round the per-row tensor calls added up."""
+    def _answer_pushes(self, jobs: list[Job], step_logits: dict, positions: dict) -> None:
+        """Answer a round's single-token pushes, read off the batch at once (one argmax; the positions the step
+        read for the log) rather than row by row: at a few hundred streams per round the per-row calls added up."""
         sids = [job.session_id for job in jobs]
         outputs = torch.stack([step_logits[sid] for sid in sids])  # (n, V) or (n, out_features)
-        positions = self.pool.positions(sids)
         best = None if self.series else outputs.argmax(dim=-1).tolist()
         for i, job in enumerate(jobs):
-            answer = {"id": job.session_id, "object": "session.push", "position": positions[i]}
+            sid = job.session_id
+            answer = {"id": sid, "object": "session.push", "position": positions[sid]}
             if self.series:
                 answer.update(self._series_outputs(outputs[i : i + 1], job.return_logits))
             else:
                 answer["next_tokens"] = [best[i]]
                 if job.return_logits:
                     answer["logits"] = [outputs[i].float().tolist()]
-            job.result = answer
+            job.finish(answer)
         self.stats["tokens_pushed"] += len(jobs)
 
     def _after_step(self, job: Job, logits, done: list) -> None:
-        if job.kind == "push":
-            position = self.pool.position(job.session_id)
-            job.result = self._push_result(job.session_id, position, logits[None], job.return_logits)
-            self.stats["tokens_pushed"] += 1
-            done.append(job)
-            return
+        """A generation's step went through: record its token and choose the next (pushes: _answer_pushes)."""
         token, piece = job.pending
         job.pending = None
         job.stepped.append(token)
@@ -717,7 +725,9 @@ class Engine:
         self._checkpoint_due.discard(sid)
         self.stats["evicted"] += 1
 
-    def _step(self, steps: dict[str, int]) -> dict:
+    def _step(self, steps: dict[str, int]) -> tuple[dict, list[int]]:
+        """One batched step of these sessions: ({session: logits}, their positions after it, in steps' order);
+        logged for the store unless replaying."""
         if len(steps) < self.min_batch:
             if self._pad_steps >= PAD_RESET_STEPS:
                 for pad in PAD_IDS:
@@ -736,16 +746,22 @@ class Engine:
             out = self.pool.step(steps)
         self.stats["steps"] += 1
         self.stats["batch_rows"] += len(steps)
+        positions = self.pool.positions(steps)
         if not self._replaying:
-            for (sid, token), position in zip(steps.items(), self.pool.positions(steps)):
-                self._fed.setdefault(sid, []).append(LogEntry(position, [token], True))
-        return out
+            fed = self._fed
+            for (sid, token), position in zip(steps.items(), positions):
+                entry = LogEntry(position, [token], True)
+                if sid in fed:
+                    fed[sid].append(entry)
+                else:
+                    fed[sid] = [entry]
+        return out, positions
 
     def _feed(self, sid: str, tokens: list[int], keep_logits: bool):
         """Feed one session alone: (n, V) logits, or (1, V) for the last token when keep_logits is False. A single
         token takes the batched path's arithmetic (see _step); several take the chunked prefill."""
         if len(tokens) == 1:
-            return self._step({sid: tokens[0]})[sid][None]
+            return self._step({sid: tokens[0]})[0][sid][None]
         logits = self.pool.push(sid, tokens, keep_logits=keep_logits)
         if not self._replaying:
             self._fed.setdefault(sid, []).append(LogEntry(self.pool.position(sid), list(tokens), keep_logits))
@@ -798,19 +814,24 @@ class Engine:
         """Write this round's changes in one transaction: log entries, and checkpoints where due."""
         due = set(self._checkpoint_due)
         entries = []
+        meta, pool, unsaved, phase, every = self.meta, self.pool, self.unsaved, self._phase, self.checkpoint_every
         for sid, fed in self._fed.items():
-            if self.meta.get(sid, {}).get("ephemeral") or sid not in self.pool:
+            owned = meta.get(sid)
+            if (owned is not None and owned.get("ephemeral")) or sid not in pool:
                 continue
-            if self.unsaved.get(sid, 0) + len(fed) + self._phase.get(sid, 0) >= self.checkpoint_every:
+            if unsaved.get(sid, 0) + len(fed) + phase.get(sid, 0) >= every:
                 due.add(sid)
-                self._phase.pop(sid, None)  # from now on, every checkpoint_every entries
+                phase.pop(sid, None)  # from now on, every checkpoint_every entries
             elif sid not in due:
-                entries.extend((sid, entry) for entry in fed)
+                if len(fed) == 1:
+                    entries.append((sid, fed[0]))
+                else:
+                    entries.extend((sid, entry) for entry in fed)
         checkpoints = [(sid, self.meta[sid]["owner"], self._blob(sid), self.pool.position(sid))
                        for sid in due if sid in self.pool and not self.meta[sid].get("ephemeral")]
         self.store.commit(checkpoints, entries)
         for sid, _ in entries:
-            self.unsaved[sid] = self.unsaved.get(sid, 0) + 1
+            unsaved[sid] = unsaved.get(sid, 0) + 1
         for sid, *_ in checkpoints:
             self.unsaved[sid] = 0
         self.stats["checkpoints"] += len(checkpoints)
