@@ -183,3 +183,18 @@ def test_a_refused_stream_gets_its_status_not_a_200_stream(http):
     empty = open_session(http)["id"]
     r = http.post(f"/v1/sessions/{empty}/generate", json={"max_tokens": 3})
     assert r.status_code == 409
+
+
+def test_push_answer_text_is_the_json_encoders_text():
+    """The usual WebSocket answer is formatted directly; it must be the very text the JSON encoder writes, and
+    anything else must go through the encoder."""
+    from leanseq.serve.app import push_answer_text, ws_json
+
+    usual = {"id": "s_" + "0a" * 12, "object": "session.push", "position": 12, "next_tokens": [7]}
+    others = [{**usual, "logits": [[0.5, -1.25]]}, {**usual, "next_tokens": [7, 8]},
+              {**usual, "id": 's_"quoted'}, {**usual, "position": True},
+              {"id": usual["id"], "object": "session.push", "position": 3, "predictions": [[0.5]]},
+              {"error": {"message": "no", "code": "x", "status": 400}}]
+    for answer in [usual, *others]:
+        assert push_answer_text(answer) == ws_json(answer)
+        assert json.loads(push_answer_text(answer)) == answer
