@@ -15,6 +15,11 @@ log on every commit and survives power loss too, at a few milliseconds per commi
 Copying the log back into the database file (a WAL checkpoint, with an fsync) is done by a background thread on
 its own connection once a second, in PASSIVE mode, which never blocks the writer: left to SQLite's automatic
 checkpoint, it would land inside whichever commit crossed the log's size limit and stall that round's answers.
+
+The log table is a WITHOUT ROWID table: its rows live in one B-tree ordered by (session, position), where a
+rowid table keeps a second one (the primary key's index); a round appends an entry to each of ~100 sessions,
+scattered over the tree, and one tree to update instead of two took about a third off each commit's CPU.
+Stores made before keep their rowid table, which the same statements read and write.
 """
 
 from __future__ import annotations
@@ -113,7 +118,7 @@ class SQLiteStore(Store):
                 position INTEGER NOT NULL, updated REAL NOT NULL);
             CREATE TABLE IF NOT EXISTS log (
                 id TEXT NOT NULL, position INTEGER NOT NULL, tokens TEXT NOT NULL, keep INTEGER NOT NULL,
-                PRIMARY KEY (id, position));
+                PRIMARY KEY (id, position)) WITHOUT ROWID;
             CREATE TABLE IF NOT EXISTS quarantine (
                 id TEXT NOT NULL, owner TEXT, blob BLOB, reason TEXT NOT NULL, at REAL NOT NULL);
             """
