@@ -664,7 +664,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         except WebSocketDisconnect:
             pass
 
-    vocab_size = None if series else model.vocab_size
+    # the short path's one token must pass what check_tokens would check: the vocabulary and the request limit
+    vocab_size = None if series or config.max_tokens_per_request < 1 else model.vocab_size
 
     async def ws_loop(websocket: WebSocket, owner: str, session_id: str):
         """One push per message, one answer per push. After the handshake the loop talks to the server's ASGI
