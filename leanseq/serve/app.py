@@ -726,6 +726,7 @@ class WSPush:
 # JSONEncoder per message, a few microseconds of each push
 ws_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
+
 def one_token(data, vocab_size: int | None) -> list[int] | None:
     """The usual WebSocket message, checked in a few operations: {"tokens": [id]} or {"token": id} with an id in
     [0, vocab_size) gives [id]; anything else (or a series model: vocab_size None) gives None, for ws_push and
@@ -747,6 +748,7 @@ def one_token(data, vocab_size: int | None) -> list[int] | None:
 
 # where AccessMiddleware puts a WebSocket's ASGI (receive, send) in its scope, for ws_loop
 RAW_CHANNEL = "leanseq.asgi_channel"
+
 
 def push_answer_text(answer: dict) -> str:
     """A push's answer as ws_json writes it. The usual one (id, object, position, one next token) is formatted
