@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import multiprocessing
 import os
@@ -201,11 +200,12 @@ def engine_load(model_dir: str, db: Path, streams: int, pushes: int, warmup: int
 
     import leanseq
     from leanseq.serve.batching import Engine, Job
+    from leanseq.serve.commands import settle_garbage_collector
     from leanseq.serve.store import SQLiteStore
 
     torch.set_num_threads(threads)
     engine = Engine(leanseq.load(model_dir), SQLiteStore(db))
-    gc.freeze()  # as `leanseq serve` does before it serves
+    settle_garbage_collector()  # as `leanseq serve` does before it serves
     try:
         rng = random.Random(seed)
         t_open = time.perf_counter()

@@ -664,24 +664,50 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         except WebSocketDisconnect:
             pass
 
+    # the short path's one token must pass what check_tokens would check: the vocabulary and the request limit
+    vocab_size = None if series or config.max_tokens_per_request < 1 else model.vocab_size
+
     async def ws_loop(websocket: WebSocket, owner: str, session_id: str):
+        """One push per message, one answer per push. After the handshake the loop talks to the server's ASGI
+        channel directly (AccessMiddleware hands it down, RAW_CHANNEL), not through Starlette's WebSocket and
+        the exception layers' wrappers around it: one message per stream step, and their checks and coroutine
+        layers were a measurable share of the event loop's time per push."""
+        receive, send = websocket.scope.get(RAW_CHANNEL) or (websocket.receive, websocket.send)
+        loop = asyncio.get_running_loop()
         while True:
-            raw = await websocket.receive_text()
+            message = await receive()
+            if message["type"] != "websocket.receive":
+                if message["type"] == "websocket.disconnect":
+                    raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+                continue
             try:
+                raw = message.get("text")
+                if raw is None:
+                    raise ServeError(400, "invalid_message", "send each message as a JSON text frame, not a binary "
+                                     "one, e.g. {\"token\": 5}")
                 try:
                     data = json.loads(raw)
                 except json.JSONDecodeError as exc:
                     raise ServeError(400, "invalid_json", f"the message is not valid JSON: {exc}") from exc
-                body = ws_push(data)
-                tokens = inputs(body, allow_empty=False)
-                result = await run(Job("push", owner, session_id=session_id, tokens=tokens,
-                                       return_logits=body.return_logits, expected_position=body.expected_position))
-                await websocket.send_text(ws_json(result))
+                tokens = one_token(data, vocab_size)
+                if tokens is not None:  # {"tokens": [id]} or {"token": id}, the id in the vocabulary
+                    job = Job("push", owner, session_id=session_id, tokens=tokens)
+                else:
+                    body = ws_push(data)
+                    job = Job("push", owner, session_id=session_id, tokens=inputs(body, allow_empty=False),
+                              return_logits=body.return_logits, expected_position=body.expected_position)
+                waiter = loop.create_future()
+                job.waiter = (loop, waiter)
+                engine.submit(job)
+                text = push_answer_text(await waiter)
             except ServeError as exc:
                 if exc.status in (404, 410):
                     raise
-                await websocket.send_json({"error": {"message": exc.message, "code": exc.code,
-                                                     "status": exc.status}})
+                text = ws_json({"error": {"message": exc.message, "code": exc.code, "status": exc.status}})
+            try:
+                await send({"type": "websocket.send", "text": text})
+            except OSError as exc:  # the client went away (what Starlette's send turns into a disconnect)
+                raise WebSocketDisconnect(1006) from exc
 
     return app
 
@@ -699,6 +725,42 @@ class WSPush:
 # one encoder for every WebSocket answer, as Starlette's send_json writes them (compact, UTF-8): send_json builds a
 # JSONEncoder per message, a few microseconds of each push
 ws_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def one_token(data, vocab_size: int | None) -> list[int] | None:
+    """The usual WebSocket message, checked in a few operations: {"tokens": [id]} or {"token": id} with an id in
+    [0, vocab_size) gives [id]; anything else (or a series model: vocab_size None) gives None, for ws_push and
+    inputs() to check in full (and refuse with their messages)."""
+    if vocab_size is None or type(data) is not dict or len(data) != 1:
+        return None
+    tokens = data.get("tokens")
+    if tokens is not None:
+        if type(tokens) is not list or len(tokens) != 1:
+            return None
+        token = tokens[0]
+    else:
+        token = data.get("token")
+        tokens = [token]
+    if type(token) is int and 0 <= token < vocab_size:
+        return tokens
+    return None
+
+
+# where AccessMiddleware puts a WebSocket's ASGI (receive, send) in its scope, for ws_loop
+RAW_CHANNEL = "leanseq.asgi_channel"
+
+
+def push_answer_text(answer: dict) -> str:
+    """A push's answer as ws_json writes it. The usual one (id, object, position, one next token) is formatted
+    directly, the same text in a fifth of the time; any other (logits, a series model's outputs) goes through
+    ws_json. Safe to format: a session id is "s_" and hex digits (SESSION_ID), position and token are ints."""
+    if len(answer) == 4:
+        sid, position, best = answer.get("id"), answer.get("position"), answer.get("next_tokens")
+        if type(best) is list and len(best) == 1 and type(best[0]) is int and type(position) is int and \
+                answer.get("object") == "session.push" and type(sid) is str and SESSION_ID.match(sid):
+            return f'{{"id":"{sid}","object":"session.push","position":{position},"next_tokens":[{best[0]}]}}'
+    return ws_json(answer)
+
 
 WS_FIELDS = frozenset(("token", "tokens", "observation", "observations", "text", "return_logits", "expected_position"))
 
@@ -803,6 +865,8 @@ class AccessMiddleware:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
+            if scope["type"] == "websocket":  # the session socket's loop uses these directly (ws_loop)
+                scope[RAW_CHANNEL] = (receive, send)
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
         route = self.SESSION_PATH.sub("/v1/sessions/{id}", scope["path"])

@@ -30,17 +30,17 @@ fingerprint, tensor shapes) is moved to quarantine and reported, never loaded.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import copy
 import itertools
 import logging
 import math
-import queue
 import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -116,11 +116,10 @@ def _resolve(jobs: list[Job]) -> None:
         waiter = job.waiter[1]
         if waiter.done():  # the request was cancelled (client gone)
             continue
-        error = job.future.exception()
-        if error is not None:
-            waiter.set_exception(error)
+        if job.error is not None:
+            waiter.set_exception(job.error)
         else:
-            waiter.set_result(job.future.result())
+            waiter.set_result(job.result)
 
 
 class TokenSampler:
@@ -153,8 +152,14 @@ class TokenSampler:
         return ""
 
 
-@dataclass
+@dataclass(slots=True)
 class Job:
+    """One request for the engine. Its outcome is `result` or `error` once `finished`; the caller waits on its
+    asyncio future (`waiter`, answered with the round's other answers in one wake-up of that loop) or, a caller
+    without one (a thread, a test), on the concurrent future that submit() returns. Slotted and without a future
+    of its own: one is built per WebSocket message, and a concurrent Future (a Condition and its lock) per push
+    was a good part of the event loop's cost per message."""
+
     kind: str  # open | push | generate | info | delete | fork | export | import
     owner: str
     session_id: str | None = None
@@ -172,19 +177,30 @@ class Job:
     render: Callable | None = None  # (messages, add_generation_prompt) -> text, for chat_user
     cancelled: bool = False
     # engine-side progress
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    future: concurrent.futures.Future | None = None  # made by submit() for a caller without a waiter
     # (event loop, asyncio future): answered with the round's other answers in one wake-up of that loop
     waiter: tuple | None = None
     delivered: bool = False
     started: bool = False
     pending: tuple | None = None  # (token, text piece) chosen, to be stepped this round
-    stepped: list[int] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
+    stepped: list[int] | None = None  # a generation's tokens and text pieces so far
+    text: list[str] | None = None
     result: object = None
+    error: BaseException | None = None
+    finished: bool = False
+
+    def finish(self, result) -> None:
+        if self.finished:
+            return
+        self.result, self.finished = result, True
+        if self.future is not None:
+            self.future.set_result(result)
 
     def fail(self, exc: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(exc)
+        if not self.finished:
+            self.error, self.finished = exc, True
+            if self.future is not None:
+                self.future.set_exception(exc)
         if self.emit is not None:
             self.emit({"error": exc})
 
@@ -215,6 +231,7 @@ class Engine:
         # the largest observed value a series model takes: beyond it a value becomes infinite in the model's dtype
         self.value_limit = float(torch.finfo(self.model.dtype).max) if self.series else None
         self._pad_steps = 0
+        self._evicted_at = 0.0
         self.max_sessions_per_key = max_sessions_per_key
         if checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
@@ -237,7 +254,10 @@ class Engine:
                       "joules": 0.0, "evicted": 0, "loaded": 0, "quarantined": len(self.quarantined),
                       "batch_rows": 0, "checkpoints": 0, "log_entries": 0, "replayed": 0}
         self.energy_method = meter.method if meter is not None else "not metered"
-        self._queue: queue.Queue = queue.Queue()
+        # submitted jobs: a deque (append and popleft are atomic) and an event set only when the engine may be
+        # asleep, rather than a queue.Queue, whose put takes a lock and notifies a Condition on every push
+        self._queue: collections.deque = collections.deque()
+        self._wake = threading.Event()
         self._pending: list[Job] = []
         self._stopping = threading.Event()
         self._ephemeral_ids = itertools.count()
@@ -249,10 +269,16 @@ class Engine:
         self._thread.start()
 
     # ---- the request side (any thread) -------------------------------------------------------------------
-    def submit(self, job: Job) -> concurrent.futures.Future:
+    def submit(self, job: Job) -> concurrent.futures.Future | None:
+        """Queue a job. A job without a waiter gets a concurrent future, returned here; one with a waiter (an
+        asyncio caller) is answered through it, and None is returned."""
         if self._stopping.is_set():
             raise ServeError(503, "shutting_down", "the server is shutting down; retry on another replica")
-        self._queue.put(job)
+        if job.waiter is None and job.future is None:
+            job.future = concurrent.futures.Future()
+        self._queue.append(job)
+        if not self._wake.is_set():  # the engine clears it before it looks at an empty queue and sleeps
+            self._wake.set()
         return job.future
 
     def sessions_of(self, owner: str) -> int:
@@ -265,35 +291,38 @@ class Engine:
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the queued work, write every live session and close the store."""
         self._stopping.set()
-        self._queue.put(None)
+        self._queue.append(None)
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
         self.store.close()
 
     # ---- the engine thread ---------------------------------------------------------------------------------
     def _loop(self) -> None:
+        submitted, wake = self._queue, self._wake
         while True:
-            if not self._pending:
-                try:
-                    job = self._queue.get(timeout=1.0)
-                except queue.Empty:
+            if not self._pending and not submitted:
+                wake.clear()
+                if not submitted:  # a job appended after clear() sets the event again: no lost wake-up
+                    wake.wait(1.0)
+                if not submitted:
                     self._evict(time.monotonic())
                     continue
-                if job is None:
-                    break
-                self._pending.append(job)
             stop = False
-            while len(self._pending) < self.max_batch:
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
-                    break
+            pending = self._pending
+            while submitted and len(pending) < self.max_batch:
+                job = submitted.popleft()
                 if job is None:
                     stop = True
                     break
-                self._pending.append(job)
-            self._round()
-            self._evict(time.monotonic())
+                pending.append(job)
+            if pending:
+                self._round()
+            now = time.monotonic()
+            # idle sessions are looked for at most once a second (every round when idle_seconds is under that):
+            # the scan visits every live session, and a busy server runs hundreds of rounds a second
+            if now - self._evicted_at >= min(1.0, self.idle_seconds):
+                self._evict(now)
             if stop:
                 break
         # shutdown: generations still running end here (their states so far are written), queued work is refused
@@ -302,11 +331,8 @@ class Engine:
         while self._pending:
             self._round()
         self._checkpoint(list(self.unsaved))  # graceful: every live session leaves a checkpoint, no log to replay
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
+        while self._queue:
+            job = self._queue.popleft()
             if job is not None:
                 job.fail(ServeError(503, "shutting_down", "the server is shutting down"))
                 self._deliver([job])
@@ -338,7 +364,7 @@ class Engine:
         per job (each is a write to the loop's wake-up pipe)."""
         by_loop: dict = {}
         for job in jobs:
-            if job.waiter is not None and not job.delivered and job.future.done():
+            if job.waiter is not None and job.finished and not job.delivered:
                 job.delivered = True
                 by_loop.setdefault(job.waiter[0], []).append(job)
         for loop, done in by_loop.items():
@@ -359,11 +385,22 @@ class Engine:
         self._pending = rest
         steps: dict[str, int] = {}
         step_jobs: list[Job] = []
+        pushes: list[Job] = []  # single-token pushes, stepped together and answered at once
         done: list[Job] = []
+        meta, pool = self.meta, self.pool
         meter = self.meter.measure() if self.meter is not None else None
         window = meter.__enter__() if meter is not None else None
         try:
             for job in taken:
+                sid = job.session_id
+                # the usual job under load: one token for a live session of this key, no position to check;
+                # everything _start would do for it is this (the rest take _start's general path)
+                if job.kind == "push" and job.expected_position is None and len(job.tokens) == 1:
+                    owned = meta.get(sid)
+                    if owned is not None and owned["owner"] == job.owner and sid in pool:
+                        steps[sid] = job.tokens[0]
+                        pushes.append(job)
+                        continue
                 try:
                     token = self._start(job, done)
                 except ServeError as exc:
@@ -373,8 +410,13 @@ class Engine:
                     continue
                 if token is not None:
                     steps[job.session_id] = token
-                    step_jobs.append(job)
-            step_logits = self._step(steps) if steps else {}
+                    if job.kind == "push":
+                        pushes.append(job)
+                    else:
+                        step_jobs.append(job)
+            if pushes:
+                self.last_used.update(dict.fromkeys([job.session_id for job in pushes], time.monotonic()))
+            step_logits, positions = self._step(steps) if steps else ({}, [])
         finally:
             if meter is not None:
                 meter.__exit__(None, None, None)
@@ -384,17 +426,14 @@ class Engine:
         self.stats["rounds"] += 1
         self.stats["predictions"] += len(steps)
         self._persist()
-        pushes = [job for job in step_jobs if job.kind == "push"]
         if pushes:
-            self._answer_pushes(pushes, step_logits)
-            done.extend(pushes)
+            self._answer_pushes(pushes, step_logits, dict(zip(steps, positions)))
         for job in step_jobs:
-            if job.kind != "push":
-                self._after_step(job, step_logits[job.session_id], done)
+            self._after_step(job, step_logits[job.session_id], done)
         for job in done:
             self._finish(job)
         # generations that go on keep their place ahead of later jobs for the same session
-        going = [j for j in taken if j.kind == "generate" and not j.future.done() and j not in done]
+        going = [j for j in taken if j.kind == "generate" and not j.finished and j not in done]
         self._pending = going + self._pending
 
     # one job's part of a round: returns a token to step in the batch, or None when the job ran alone
@@ -474,6 +513,7 @@ class Engine:
             return None
         if not job.started:
             job.started = True
+            job.stepped, job.text = [], []
             if job.chat_user is not None:
                 self._chat_begin(job)
             job.sampler = job.make_sampler(list(job.tokens or []))
@@ -498,31 +538,26 @@ class Engine:
         piece = job.sampler.accept(token)
         job.pending = (token, piece)
 
-    def _answer_pushes(self, jobs: list[Job], step_logits: dict) -> None:
-        """The answers of a round's single-token pushes, read off the batch at once (one argmax, one position
-        read) rather than row by row: at a few hundred streams per round the per-row tensor calls added up."""
+    def _answer_pushes(self, jobs: list[Job], step_logits: dict, positions: dict) -> None:
+        """Answer a round's single-token pushes, read off the batch at once (one argmax; the positions the step
+        read for the log) rather than row by row: at a few hundred streams per round the per-row calls added up."""
         sids = [job.session_id for job in jobs]
         outputs = torch.stack([step_logits[sid] for sid in sids])  # (n, V) or (n, out_features)
-        positions = self.pool.positions(sids)
         best = None if self.series else outputs.argmax(dim=-1).tolist()
         for i, job in enumerate(jobs):
-            answer = {"id": job.session_id, "object": "session.push", "position": positions[i]}
+            sid = job.session_id
+            answer = {"id": sid, "object": "session.push", "position": positions[sid]}
             if self.series:
                 answer.update(self._series_outputs(outputs[i : i + 1], job.return_logits))
             else:
                 answer["next_tokens"] = [best[i]]
                 if job.return_logits:
                     answer["logits"] = [outputs[i].float().tolist()]
-            job.result = answer
+            job.finish(answer)
         self.stats["tokens_pushed"] += len(jobs)
 
     def _after_step(self, job: Job, logits, done: list) -> None:
-        if job.kind == "push":
-            position = self.pool.position(job.session_id)
-            job.result = self._push_result(job.session_id, position, logits[None], job.return_logits)
-            self.stats["tokens_pushed"] += 1
-            done.append(job)
-            return
+        """A generation's step went through: record its token and choose the next (pushes: _answer_pushes)."""
         token, piece = job.pending
         job.pending = None
         job.stepped.append(token)
@@ -533,7 +568,7 @@ class Engine:
         self._choose(job, logits, done)
 
     def _finish(self, job: Job) -> None:
-        if job.future.done():
+        if job.finished:
             return
         if job.kind == "generate":
             sid = job.session_id
@@ -541,16 +576,17 @@ class Engine:
                 self._chat_end(job)
             finish = "cancelled" if job.cancelled else ("stop" if job.sampler.stopped_by in ("eos", "stop")
                                                          else "length")
-            job.result = {"id": sid, "tokens": list(job.stepped), "text": "".join(job.text),
+            stepped = job.stepped or []
+            job.result = {"id": sid, "tokens": list(stepped), "text": "".join(job.text or ()),
                           "finish_reason": finish, "prompt_tokens": len(job.tokens or []),
-                          "completion_tokens": len(job.stepped), "position": self.pool.position(sid)}
+                          "completion_tokens": len(stepped), "position": self.pool.position(sid)}
             if job.ephemeral:
                 self.pool.close(sid)
                 self.meta.pop(sid, None)
                 self.last_used.pop(sid, None)
             if job.emit is not None:
                 job.emit({"done": job.result})
-        job.future.set_result(job.result)
+        job.finish(job.result)
 
     # ---- chat bookkeeping (kept in the blob's metadata, so it is checksummed and restored with the state) ----
     def _chat_begin(self, job: Job) -> None:
@@ -573,7 +609,7 @@ class Engine:
 
     def _chat_end(self, job: Job) -> None:
         chat = self.meta[job.session_id]["serve"]["chat"]
-        chat["messages"].append({"role": "assistant", "content": "".join(job.text)})
+        chat["messages"].append({"role": "assistant", "content": "".join(job.text or ())})
         if self.tokenizer is not None and job.stepped:
             chat["fed"] += self.tokenizer.decode(job.stepped, skip_special_tokens=False)
         if not self.meta[job.session_id].get("ephemeral"):
@@ -672,6 +708,7 @@ class Engine:
                 self._evict_one(sid)
 
     def _evict(self, now: float) -> None:
+        self._evicted_at = now
         busy = {j.session_id for j in self._pending}
         for sid, used in list(self.last_used.items()):
             if now - used > self.idle_seconds and sid not in busy and not self.meta.get(sid, {}).get("ephemeral"):
@@ -688,7 +725,9 @@ class Engine:
         self._checkpoint_due.discard(sid)
         self.stats["evicted"] += 1
 
-    def _step(self, steps: dict[str, int]) -> dict:
+    def _step(self, steps: dict[str, int]) -> tuple[dict, list[int]]:
+        """One batched step of these sessions: ({session: logits}, their positions after it, in steps' order);
+        logged for the store unless replaying."""
         if len(steps) < self.min_batch:
             if self._pad_steps >= PAD_RESET_STEPS:
                 for pad in PAD_IDS:
@@ -707,16 +746,22 @@ class Engine:
             out = self.pool.step(steps)
         self.stats["steps"] += 1
         self.stats["batch_rows"] += len(steps)
+        positions = self.pool.positions(steps)
         if not self._replaying:
-            for (sid, token), position in zip(steps.items(), self.pool.positions(steps)):
-                self._fed.setdefault(sid, []).append(LogEntry(position, [token], True))
-        return out
+            fed = self._fed
+            for (sid, token), position in zip(steps.items(), positions):
+                entry = LogEntry(position, [token], True)
+                if sid in fed:
+                    fed[sid].append(entry)
+                else:
+                    fed[sid] = [entry]
+        return out, positions
 
     def _feed(self, sid: str, tokens: list[int], keep_logits: bool):
         """Feed one session alone: (n, V) logits, or (1, V) for the last token when keep_logits is False. A single
         token takes the batched path's arithmetic (see _step); several take the chunked prefill."""
         if len(tokens) == 1:
-            return self._step({sid: tokens[0]})[sid][None]
+            return self._step({sid: tokens[0]})[0][sid][None]
         logits = self.pool.push(sid, tokens, keep_logits=keep_logits)
         if not self._replaying:
             self._fed.setdefault(sid, []).append(LogEntry(self.pool.position(sid), list(tokens), keep_logits))
@@ -769,19 +814,24 @@ class Engine:
         """Write this round's changes in one transaction: log entries, and checkpoints where due."""
         due = set(self._checkpoint_due)
         entries = []
+        meta, pool, unsaved, phase, every = self.meta, self.pool, self.unsaved, self._phase, self.checkpoint_every
         for sid, fed in self._fed.items():
-            if self.meta.get(sid, {}).get("ephemeral") or sid not in self.pool:
+            owned = meta.get(sid)
+            if (owned is not None and owned.get("ephemeral")) or sid not in pool:
                 continue
-            if self.unsaved.get(sid, 0) + len(fed) + self._phase.get(sid, 0) >= self.checkpoint_every:
+            if unsaved.get(sid, 0) + len(fed) + phase.get(sid, 0) >= every:
                 due.add(sid)
-                self._phase.pop(sid, None)  # from now on, every checkpoint_every entries
+                phase.pop(sid, None)  # from now on, every checkpoint_every entries
             elif sid not in due:
-                entries.extend((sid, entry) for entry in fed)
+                if len(fed) == 1:
+                    entries.append((sid, fed[0]))
+                else:
+                    entries.extend((sid, entry) for entry in fed)
         checkpoints = [(sid, self.meta[sid]["owner"], self._blob(sid), self.pool.position(sid))
                        for sid in due if sid in self.pool and not self.meta[sid].get("ephemeral")]
         self.store.commit(checkpoints, entries)
         for sid, _ in entries:
-            self.unsaved[sid] = self.unsaved.get(sid, 0) + 1
+            unsaved[sid] = unsaved.get(sid, 0) + 1
         for sid, *_ in checkpoints:
             self.unsaved[sid] = 0
         self.stats["checkpoints"] += len(checkpoints)

@@ -132,7 +132,10 @@ class SessionPool:
 
     def positions(self, session_ids) -> list[int]:
         """position() of several sessions, read off the batched state at once."""
-        rows = [self._check_id(sid) for sid in session_ids]
+        try:
+            rows = [self._row[sid] for sid in session_ids]
+        except KeyError:
+            rows = [self._check_id(sid) for sid in session_ids]  # raises, naming the unknown session
         every = self._state.position.tolist()
         return [every[r] for r in rows]
 
@@ -182,7 +185,10 @@ class SessionPool:
         if not tokens:
             raise ValueError("step needs at least one {session_id: token}")
         ids = list(tokens)
-        rows = [self._check_id(sid) for sid in ids]
+        try:
+            rows = [self._row[sid] for sid in ids]
+        except KeyError:
+            rows = [self._check_id(sid) for sid in ids]  # raises, naming the unknown session
         token_ids = self._one_each(ids, tokens)  # (n,) token ids, or (n, channels) observations
         if len(rows) == len(self._ids):
             # every session (ids are unique, so every row once): step the batched state as it is, no copies
@@ -193,10 +199,8 @@ class SessionPool:
         else:
             logits, sub = self.model.step(token_ids, self._state.select(rows))
             self._write_rows(rows, sub)
-        out = {}
-        for i, sid in enumerate(ids):
-            out[sid] = logits[i]
-            self._last_logits[sid] = logits[i]
+        out = dict(zip(ids, logits.unbind(0)))  # one view per row, made in one call
+        self._last_logits.update(out)
         return out
 
     def _one_each(self, ids: list, tokens: Mapping) -> torch.Tensor:

@@ -136,6 +136,31 @@ def test_websocket_one_message_per_step(http, text_server):
         assert json.loads(ws.recv())["error"]["status"] == 404
 
 
+def test_websocket_short_form_answers_as_the_full_checks_do(http, text_server):
+    """The usual message ({"token": id} / {"tokens": [id]}) takes a short path through the server; it must answer
+    exactly what the fully checked form does, and refuse what that form refuses."""
+    sid = open_session(http, prompt="KING:")["id"]
+    twin = http.post(f"/v1/sessions/{sid}/fork").json()["id"]
+    url = text_server.url.replace("http://", "ws://") + "/v1/sessions/{}/ws"
+    headers = {"Authorization": f"Bearer {KEY_A}"}
+    with connect(url.format(sid), additional_headers=headers) as short, \
+            connect(url.format(twin), additional_headers=headers) as full:
+        for i, t in enumerate(b" my"):
+            short.send(json.dumps({"token": t} if i % 2 else {"tokens": [t]}))
+            full.send(json.dumps({"tokens": [t], "expected_position": 5 + i, "return_logits": False}))
+            a, b = json.loads(short.recv()), json.loads(full.recv())
+            assert a == {**b, "id": sid} and b["id"] == twin and a["position"] == 6 + i
+        for bad, code in (({"token": 100_000}, "token_out_of_vocabulary"), ({"token": -1}, "invalid_request"),
+                          ({"token": True}, "invalid_request"), ({"tokens": [1.0]}, "invalid_request"),
+                          ({"token": 3, "tokens": [3]}, "invalid_request"), ({"tokens": []}, "empty_input")):
+            short.send(json.dumps(bad))
+            assert json.loads(short.recv())["error"]["code"] == code, bad
+        short.send(b'{"token": 3}')  # a binary frame: refused with a message, the socket stays usable
+        assert json.loads(short.recv())["error"]["code"] == "invalid_message"
+        short.send(json.dumps({"token": 32}))
+        assert json.loads(short.recv())["position"] == 9
+
+
 def test_token_model_serves_sessions_and_refuses_text(make_server):
     server = make_server(TOKEN_MODEL)
     with server.client() as http:
@@ -158,3 +183,18 @@ def test_a_refused_stream_gets_its_status_not_a_200_stream(http):
     empty = open_session(http)["id"]
     r = http.post(f"/v1/sessions/{empty}/generate", json={"max_tokens": 3})
     assert r.status_code == 409
+
+
+def test_push_answer_text_is_the_json_encoders_text():
+    """The usual WebSocket answer is formatted directly; it must be the very text the JSON encoder writes, and
+    anything else must go through the encoder."""
+    from leanseq.serve.app import push_answer_text, ws_json
+
+    usual = {"id": "s_" + "0a" * 12, "object": "session.push", "position": 12, "next_tokens": [7]}
+    others = [{**usual, "logits": [[0.5, -1.25]]}, {**usual, "next_tokens": [7, 8]},
+              {**usual, "id": 's_"quoted'}, {**usual, "position": True},
+              {"id": usual["id"], "object": "session.push", "position": 3, "predictions": [[0.5]]},
+              {"error": {"message": "no", "code": "x", "status": 400}}]
+    for answer in [usual, *others]:
+        assert push_answer_text(answer) == ws_json(answer)
+        assert json.loads(push_answer_text(answer)) == answer

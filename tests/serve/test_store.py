@@ -29,6 +29,25 @@ def test_checkpoints_and_log_round_trip(tmp_path):
         assert con.execute("SELECT COUNT(*) FROM log").fetchone()[0] == 0  # the deleted session's log went too
 
 
+def test_a_store_made_with_a_rowid_log_table_still_works(tmp_path):
+    """Stores made before the log table became WITHOUT ROWID keep their table; the same statements serve both."""
+    with sqlite3.connect(tmp_path / "old.db") as con:
+        con.execute("CREATE TABLE log (id TEXT NOT NULL, position INTEGER NOT NULL, tokens TEXT NOT NULL, "
+                    "keep INTEGER NOT NULL, PRIMARY KEY (id, position))")
+        con.execute("INSERT INTO log VALUES ('s1', 3, '[7]', 1)")
+    for name in ("old.db", "new.db"):
+        store = SQLiteStore(tmp_path / name)
+        store.commit([("s1", "alice", b"blob-at-2", 2)], [])
+        store.commit([], [("s1", LogEntry(3, [7], True)), ("s1", LogEntry(4, [8], True))])
+        assert [(e.position, e.tokens) for e in store.get("s1").log] == [(3, [7]), (4, [8])]
+        store.commit([("s1", "alice", b"blob-at-4", 4)], [])
+        assert store.get("s1").log == []
+        store.close()
+        with sqlite3.connect(tmp_path / name) as con:
+            sql = con.execute("SELECT sql FROM sqlite_master WHERE name = 'log'").fetchone()[0]
+        assert ("WITHOUT ROWID" in sql) == (name == "new.db")
+
+
 def test_bad_store_settings_and_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="synchronous"):
         SQLiteStore(tmp_path / "a.db", synchronous="off")
@@ -36,3 +55,14 @@ def test_bad_store_settings_and_files_are_refused(tmp_path):
     not_sqlite.write_bytes(b"this is not a database file at all, just text" * 100)
     with pytest.raises(ValueError, match="not a usable SQLite session store"):
         SQLiteStore(not_sqlite)
+
+
+def test_log_tokens_are_stored_as_json_lists():
+    """A push's one token id is written without json.dumps, as the very text json.dumps writes: stores stay
+    readable by any leanseq version (every entry is a JSON list)."""
+    import json
+
+    from leanseq.serve.store import encode_tokens
+
+    for tokens in ([0], [7], [65535], [-3], [2**40], [1, 2], [True], [[0.5, float("nan")]], [1.0]):
+        assert encode_tokens(tokens) == json.dumps(tokens)

@@ -193,3 +193,20 @@ def test_blob_holds_no_pickle(saved):
     header_len = struct.unpack_from("<I", blob, 12)[0]
     tensors = load(blob[16 + header_len : -32])
     assert {"state.position", "state.conv", "state.ssm", "last_logits"} == set(tensors)
+
+
+def test_tensor_payload_is_safetensors_torch_bytes_for_every_dtype():
+    """Blobs write their tensors through safetensors.numpy where the dtype allows (cheaper per call): the bytes
+    must be exactly what safetensors.torch writes, so blobs from either path are one format; bfloat16 takes
+    the torch path."""
+    from safetensors.torch import load, save
+
+    from leanseq.stream.blob import save_tensors
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.bfloat16):
+        values = torch.randn(2, 3, 5, generator=g) * 100
+        tensors = {"state.ssm": values.to(dtype), "state.position": torch.tensor([7, 9]),
+                   "last_logits": torch.randn(1, 4, generator=g), "state.empty": torch.zeros(0, 3, dtype=dtype)}
+        assert save_tensors(tensors) == save(tensors), dtype
+        assert all(torch.equal(load(save_tensors(tensors))[k], t) for k, t in tensors.items())
