@@ -6,6 +6,8 @@
     state = model.init_state(B)
     out_t, state = model.step(values[:, t], state)        # (B, C) -> (B, out_features), one observation at a time
     model.save("run/model"); same = SeriesModel.load("run/model")
+    model.save("run/clf", metadata={"class_names": ["walk", "run"]})   # a classifier's names, one per class:
+                                                                        # `leanseq serve` answers with them
 
 The backbone (Mamba-1, Mamba-2 or the transformer baseline) is used only through forward_hidden, init_state and
 check_state, so the state contract is the language models': running a series in chunks, passing the state on,
@@ -340,6 +342,7 @@ class SeriesModel(nn.Module):
                 "out_features": self.out_features, "task": self.task, "family": self.family,
                 "metadata": metadata or {}}
         json.dumps(info)  # metadata must be JSON: fail before anything is written
+        class_names(self, info["metadata"], "metadata")  # and its class names, if any, must fit this head
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
                    if not k.startswith("backbone.")}
 
@@ -396,7 +399,27 @@ class SeriesModel(nn.Module):
             model.to(device)
         model.eval()
         metadata = info.get("metadata") if isinstance(info.get("metadata"), dict) else {}
+        try:
+            class_names(model, metadata, f"{folder / SERIES_CONFIG_FILE}")
+        except ValueError as exc:
+            raise ckpt.CheckpointError(str(exc)) from exc
         return (model, metadata) if with_metadata else model
+
+
+def class_names(model, metadata: dict, where: str) -> list[str] | None:
+    """The class names a classifier was saved with (metadata "class_names": one string per output, in the head's
+    order), or None when there are none. Names that do not fit the model raise ValueError naming `where`."""
+    names = metadata.get("class_names")
+    if names is None:
+        return None
+    if model.task != "classify":
+        raise ValueError(f"{where}: 'class_names' is for a classifier; this model's task is {model.task!r}")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{where}: 'class_names' must be a list of strings, got {names!r:.80}")
+    if len(names) != model.out_features:
+        raise ValueError(f"{where}: {len(names)} class names for a head of {model.out_features} classes; give one "
+                         "name per class, in the head's order")
+    return list(names)
 
 
 def gather_last(outputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -209,9 +209,14 @@ class Engine:
     def __init__(self, model, store: Store, *, tokenizer=None, max_sessions_per_key: int = 1000,
                  idle_seconds: float = 300.0, max_live: int = 4096, max_batch: int = 1024,
                  prefill_chunk_size: int = 256, meter=None, start: bool = True, checkpoint_every: int = 64,
-                 stagger_checkpoints: bool = True):
+                 stagger_checkpoints: bool = True, class_names: list[str] | None = None):
         """start=False: queue jobs first, then start(); the first round then takes them all at once.
-        stagger_checkpoints=False: every session checkpoints after exactly checkpoint_every log entries."""
+        stagger_checkpoints=False: every session checkpoints after exactly checkpoint_every log entries.
+        class_names: a series classifier's class names (one per output), answered beside the class indices."""
+        if class_names is not None and (not is_series(model) or model.task != "classify"
+                                        or len(class_names) != model.out_features):
+            raise ValueError("class_names are for a series classifier, one name per output")
+        self.class_names = class_names
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -785,11 +790,14 @@ class Engine:
 
     def _series_outputs(self, outputs, return_logits: bool) -> dict:
         """A series model's outputs (n, out_features), one row per observation: "predictions" (a regression
-        head's values, e.g. a forecast) or "probabilities" and "classes" (a classifier's softmax and argmax)."""
+        head's values, e.g. a forecast) or "probabilities" and "classes" (a classifier's softmax and argmax; with
+        "class_names" when the model was saved with them)."""
         if self.model.task != "classify":
             return {"predictions": outputs.float().tolist()}
         out = {"classes": [int(i) for i in outputs.argmax(dim=-1).tolist()],
                "probabilities": torch.softmax(outputs.float(), dim=-1).tolist()}
+        if self.class_names is not None:  # the saved names of those classes, as the model was saved with them
+            out["class_names"] = [self.class_names[i] for i in out["classes"]]
         if return_logits:
             out["logits"] = outputs.float().tolist()
         return out

@@ -90,11 +90,12 @@ def build(args):
     if args.no_auth and args.host not in ("127.0.0.1", "localhost", "::1"):
         raise ValueError(f"--no-auth serves anyone who can connect; refused on {args.host} (use loopback or keys)")
     folder = hub.resolve(args.model)
-    tokenizer = None
+    tokenizer, names = None, None
     if (Path(folder) / "series_config.json").is_file():  # a leanseq.series.SeriesModel: observations in
-        from leanseq.series.encoder import SeriesModel
+        from leanseq.series.encoder import SeriesModel, class_names
 
-        model = SeriesModel.load(folder)
+        model, metadata = SeriesModel.load(folder, with_metadata=True)  # the load checks any class names
+        names = class_names(model, metadata, folder)
     else:
         model = leanseq.load(folder)
         try:
@@ -104,7 +105,7 @@ def build(args):
         except FileNotFoundError:
             pass  # a token-id model: sessions work, the text endpoints answer 400
     store = SQLiteStore(args.db, synchronous=args.sync)
-    engine = Engine(model, store, tokenizer=tokenizer, max_sessions_per_key=args.max_sessions_per_key,
+    engine = Engine(model, store, tokenizer=tokenizer, class_names=names, max_sessions_per_key=args.max_sessions_per_key,
                     idle_seconds=args.idle_seconds, max_live=args.max_live,
                     meter=Meter(reset_peak_rss=False, track_rss=False))  # no /proc reads per round
     config = ServeConfig(model_name=args.name or Path(folder).name, api_keys=keys, no_auth=args.no_auth,

@@ -205,3 +205,40 @@ def test_a_classifier_answers_probabilities_and_a_crash_replays_its_log_exactly(
         restarted.stop()
         uninterrupted.stop()
         crashed.stop()
+
+
+def test_a_classifier_saved_with_class_names_answers_them(tmp_path):
+    """SeriesModel.save(metadata={"class_names": [...]}) -> every answer names its classes beside their indices,
+    over HTTP and the WebSocket; names that do not fit the head are refused when saving and when loading."""
+    from leanseq.models.checkpoint import CheckpointError
+
+    model = SeriesModel.build("mamba", channels=1, out_features=3, task="classify", hidden_size=16, num_layers=1,
+                              seed=3)
+    names = ["calm", "rising", "spike"]
+    with pytest.raises(ValueError, match="3 classes"):
+        model.save(tmp_path / "short", metadata={"class_names": names[:2]})
+    folder = tmp_path / "clf"
+    model.save(folder, metadata={"class_names": names})
+    live = LiveServer(serve_argv(tmp_path, str(folder)))
+    try:
+        with live.client() as http:
+            r = http.post("/v1/sessions", json={"observations": [0.5, -1.0, 2.0]})
+            assert r.status_code == 201, r.text
+            opened = r.json()
+            assert [names[c] for c in opened["classes"]] == opened["class_names"]  # GET-style: the last one
+            pushed = http.post(f"/v1/sessions/{opened['id']}/push", json={"observations": [1.0, 0.25]}).json()
+            assert len(pushed["class_names"]) == 2
+            assert pushed["class_names"] == [names[c] for c in pushed["classes"]]
+            with connect(live.url.replace("http", "ws") + f"/v1/sessions/{opened['id']}/ws",
+                         additional_headers={"Authorization": f"Bearer {KEY_A}"}) as ws:
+                ws.send(json.dumps({"observation": 0.75}))
+                answer = json.loads(ws.recv(timeout=30))
+                assert answer["class_names"] == [names[answer["classes"][0]]]
+    finally:
+        live.stop()
+    config = folder / "series_config.json"  # a hand-edited folder: one name too many
+    info = json.loads(config.read_text())
+    info["metadata"]["class_names"] = [*names, "extra"]
+    config.write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match="one name per class"):
+        SeriesModel.load(folder)
