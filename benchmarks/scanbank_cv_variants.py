@@ -39,21 +39,17 @@ VARIANTS = {
 
 # The shipped head's full CV (rows, readout and penalty chosen together, as fit_scanbank does), on banks of other
 # widths, read through one ridge head or as an ensemble of `members` equal parts (fit_head(members=...): each part
-# its own ridge fit, their scores averaged); CV ties in accuracy broken by "order" (the earlier readout, then the
-# larger penalty) or "mse" (the smaller held-out squared error first). name -> (total width, members, tie_break)
+# its own ridge fit, their scores averaged). name -> (total width, members)
 SHIPPED = {
-    "shipped": (4096, 1, "order"),
-    "mse-ties": (4096, 1, "mse"),
-    "width-12288": (12288, 1, "order"),
-    "ensemble-2x4096": (8192, 2, "order"),
-    "ensemble-3x4096": (12288, 3, "order"),
-    "ensemble-3x4096+mse-ties": (12288, 3, "mse"),
-    "ensemble-4x2048": (8192, 4, "order"),
-    "ensemble-5x4096": (20480, 5, "order"),
+    "shipped": (4096, 1),
+    "width-12288": (12288, 1),
+    "ensemble-2x4096": (8192, 2),
+    "ensemble-3x4096": (12288, 3),
+    "ensemble-5x4096": (20480, 5),
 }
 
 
-def cv_shipped(ds, seed: int, width: int, members: int, tie_break: str, nested: int = 0) -> dict:
+def cv_shipped(ds, seed: int, width: int, members: int, nested: int = 0) -> dict:
     """fit_head's CV on the whole train split; with nested > 0 also the accuracy of the whole procedure (its own
     CV choice included) on held-out train series: `nested` x 5 outer folds, fit_head re-run on each outer train
     part. The bank's unsupervised fit (normaliser, PPV thresholds) sees every train series, labels never."""
@@ -64,12 +60,12 @@ def cv_shipped(ds, seed: int, width: int, members: int, tie_break: str, nested: 
     feats = bank_features(bank, ds.x_train, (1.0, *settings.readout_cuts))
     labels = np.searchsorted(ds.classes, ds.y_train)
     model = ScanBankClassifier(bank, len(ds.classes))
-    info = model.fit_head(feats, labels, seed=seed, members=members, tie_break=tie_break)
+    info = model.fit_head(feats, labels, seed=seed, members=members)
     if nested:
         hits = 0
         for r in range(nested):
             for train, held in _folds(labels, 5, seed + 7 + 1000 * r):
-                model.fit_head(feats[train], labels[train], seed=seed, members=members, tie_break=tie_break)
+                model.fit_head(feats[train], labels[train], seed=seed, members=members)
                 with torch.no_grad():
                     scores = model.head(torch.from_numpy(feats[held, 0]))
                 hits += int((scores.argmax(-1).numpy() == labels[held]).sum())

@@ -52,10 +52,6 @@ POOL_CHOICES = (("max", "mean", "ppv"), ("ppv",), ("last",), POOLS)
 # (row 0 is the full length, then the cuts in the order read, latest first); chosen per dataset by the same CV. On
 # short series whose class shows in *when* things happen (ItalyPowerDemand, 24 steps) early cuts mislead the head
 CUT_CHOICES = (None, 2, 1)
-# How CV ties in accuracy (frequent on small train splits: the same few hard series missed by every option) are
-# broken after the rows choice: "order" = the earlier blocks, then the larger penalty; "mse" = first the smaller
-# held-out squared error of the ridge scores (the loss the ridge fits, finer-grained than a count of errors)
-TIE_BREAKS = ("order", "mse")
 
 
 @dataclasses.dataclass
@@ -320,8 +316,7 @@ class ScanBankClassifier(nn.Module):
         return sum(p.numel() for p in self.parameters())  # the bank holds buffers only
 
     def fit_head(self, feats: np.ndarray, labels: np.ndarray, alphas=RIDGE_PENALTIES, choices=POOL_CHOICES,
-                 cut_choices=CUT_CHOICES, folds: int = 5, repeats: int = 3, seed: int = 0, members: int = 1,
-                 tie_break: str = "order") -> dict:
+                 cut_choices=CUT_CHOICES, folds: int = 5, repeats: int = 3, seed: int = 0, members: int = 1) -> dict:
         """Ridge regression of +-1 one-hot labels on standardised features. feats (N, P, 4W) holds each train
         series read at P cuts (index 0: its full length), labels (N,) its class index. Which rows the final head
         fits (`cut_choices`: None = every cut, k = the first k cuts, 1 = the full-length rows alone), which blocks
@@ -356,10 +351,7 @@ class ScanBankClassifier(nn.Module):
         cut_choices = tuple(dict.fromkeys(cuts if u is None else min(int(u), cuts) for u in cut_choices))
         if any(u < 1 for u in cut_choices):
             raise ValueError(f"cut_choices must be None or counts >= 1, got {cut_choices}")
-        if tie_break not in TIE_BREAKS:
-            raise ValueError(f"tie_break must be one of {', '.join(TIE_BREAKS)}, got {tie_break!r}")
         correct = np.zeros((len(cut_choices), len(choices), len(alphas)))
-        sq_error = np.zeros_like(correct)  # held-out squared error of the scores against the +-1 targets
         for train, held in (f for r in range(repeats) for f in _folds(labels, folds, seed + 1000 * r)):
             for u, used in enumerate(cut_choices):
                 rows = x[train, :used].reshape(-1, width)
@@ -379,12 +371,9 @@ class ScanBankClassifier(nn.Module):
                             scores[c, a] += cross_c @ dual_for(alpha)
                 scores = scores / members + y_rows.mean(0)
                 correct[u] += (scores.argmax(-1) == labels[held]).sum(-1)
-                sq_error[u] += ((scores - target[held]) ** 2).sum((-1, -2))
 
-        def best(options):  # ties: the earlier rows choice, then (with "mse") the smaller held-out squared error,
-            # then the earlier blocks, then the larger penalty
-            mse = (lambda uca: -sq_error[uca]) if tie_break == "mse" else (lambda uca: 0.0)
-            return max(options, key=lambda uca: (correct[uca], -uca[0], mse(uca), -uca[1], alphas[uca[2]]))
+        def best(options):  # ties: the earlier rows choice, then the earlier blocks, then the larger penalty
+            return max(options, key=lambda uca: (correct[uca], -uca[0], -uca[1], alphas[uca[2]]))
 
         def fit(head: nn.Linear, used: int, choice, alpha: float) -> None:
             weight, bias = np.zeros((k, width)), np.zeros(k)
