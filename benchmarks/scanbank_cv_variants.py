@@ -2,10 +2,14 @@
 
     python benchmarks/scanbank_cv_variants.py                                   # ItalyPowerDemand, every variant
     python benchmarks/scanbank_cv_variants.py --datasets ItalyPowerDemand GunPoint --only baseline full-rows
+    python benchmarks/scanbank_cv_variants.py --datasets ItalyPowerDemand --nested 2 --shipped shipped ensemble-3x4096
 
 For each variant and seed (0, 1, 2) a bank is drawn, fitted (no labels) and its ridge head cross-validated
 (3 x 5 folds over train series, ScanBankClassifier.fit_head) once per readout; printed: the CV accuracy (% of
-train series at full length) of each readout, means over seeds, and the mean of each seed's best readout. The
+train series at full length) of each readout, means over seeds, and the mean of each seed's best readout. With
+--shipped: the shipped head's whole CV choice (rows, readout, penalty) on banks of other widths or ensembles
+(fit_head(members=...)), each seed's CV accuracy and choice, the bank's CPU-ms per series read, and with
+--nested R the accuracy of the whole procedure on held-out train series (R x 5 outer folds). The
 test split is never read. Results and the choice they led to: docs/series_classify.md ("Tried"). One thread.
 """
 
@@ -57,7 +61,9 @@ def cv_shipped(ds, seed: int, width: int, members: int, nested: int = 0) -> dict
     config = ScanBankConfig(channels=ds.channels, width=width, state_size=settings.bank_state_size,
                             timescale=max(len(s) for s in ds.x_train))
     bank = ScanBank(config, seed=seed).fit(ds.x_train, seed=seed)
+    start = time.process_time()
     feats = bank_features(bank, ds.x_train, (1.0, *settings.readout_cuts))
+    read_ms = 1000 * (time.process_time() - start) / len(ds.x_train)  # the bank's work per series read (one pass)
     labels = np.searchsorted(ds.classes, ds.y_train)
     model = ScanBankClassifier(bank, len(ds.classes))
     info = model.fit_head(feats, labels, seed=seed, members=members)
@@ -70,7 +76,7 @@ def cv_shipped(ds, seed: int, width: int, members: int, nested: int = 0) -> dict
                     scores = model.head(torch.from_numpy(feats[held, 0]))
                 hits += int((scores.argmax(-1).numpy() == labels[held]).sum())
         info["nested_accuracy"] = 100 * hits / (nested * len(labels))
-    return info
+    return {**info, "read_ms": read_ms}
 
 
 def cv_by_readout(ds, seed: int, scale: float, log_fastest: float, width: int, fractions: tuple) -> dict:
@@ -112,7 +118,8 @@ def main() -> None:
             nested = ("" if not args.nested else " | nested " + " ".join(f"{r['nested_accuracy']:.1f}" for r in runs)
                       + f" mean {np.mean([r['nested_accuracy'] for r in runs]):.2f}")
             print(f"{name} {variant:24s} CV mean {np.mean([r['cv_accuracy'] for r in runs]):.2f}{nested} | per seed "
-                  f"{seeds} ({time.perf_counter() - start:.0f} s)", flush=True)
+                  f"{seeds} | bank CPU-ms per series read {np.mean([r['read_ms'] for r in runs]):.1f} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
         for variant in () if args.shipped else args.only:
             start = time.perf_counter()
             runs = [cv_by_readout(ds, seed, *VARIANTS[variant]) for seed in args.seeds]
