@@ -23,7 +23,9 @@ What is fitted from data (no labels): the per-channel mean and standard deviatio
 a random training series. Everything else is drawn once from `seed` and never changes. Linear heads on the
 standardised features (ScanBankClassifier; ridge regression, penalty chosen by cross-validation on the train
 split) are the only supervised part: a final head for a series read to its end and, when cross-validation fitted
-that one on full-length rows only, an anytime head fitted on every cut for answers before the end.
+that one on full-length rows only, an anytime head fitted on every cut for answers before the end. With
+fit_head(members=M) the bank's channels are read as M independently drawn banks, one ridge fit each, their scores
+averaged (still one linear head per answer).
 
 Missing values (NaN) enter as 0 plus a per-channel missing flag with its own random weights, as in
 leanseq.series.encoder; infinite values are refused.
