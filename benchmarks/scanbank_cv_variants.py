@@ -2,10 +2,14 @@
 
     python benchmarks/scanbank_cv_variants.py                                   # ItalyPowerDemand, every variant
     python benchmarks/scanbank_cv_variants.py --datasets ItalyPowerDemand GunPoint --only baseline full-rows
+    python benchmarks/scanbank_cv_variants.py --datasets ItalyPowerDemand --nested 2 --shipped shipped ensemble-3x4096
 
 For each variant and seed (0, 1, 2) a bank is drawn, fitted (no labels) and its ridge head cross-validated
 (3 x 5 folds over train series, ScanBankClassifier.fit_head) once per readout; printed: the CV accuracy (% of
-train series at full length) of each readout, means over seeds, and the mean of each seed's best readout. The
+train series at full length) of each readout, means over seeds, and the mean of each seed's best readout. With
+--shipped: the shipped head's whole CV choice (rows, readout, penalty) on banks of other widths or ensembles
+(fit_head(members=...)), each seed's CV accuracy and choice, the bank's CPU-ms per series read, and with
+--nested R the accuracy of the whole procedure on held-out train series (R x 5 outer folds). The
 test split is never read. Results and the choice they led to: docs/series_classify.md ("Tried"). One thread.
 """
 
@@ -18,8 +22,8 @@ import time
 import numpy as np
 import torch
 
-from leanseq.series.classification import bank_features, load_dataset
-from leanseq.series.scanbank import POOL_CHOICES, ScanBank, ScanBankClassifier, ScanBankConfig
+from leanseq.series.classification import ClassifySettings, bank_features, load_dataset
+from leanseq.series.scanbank import POOL_CHOICES, ScanBank, ScanBankClassifier, ScanBankConfig, _folds
 
 # name -> (timescale as a multiple of the longest train series, log of the fastest step size, width, rows fitted)
 ALL, FULL = (1.0, 0.75, 0.5), (1.0,)
@@ -36,6 +40,43 @@ VARIANTS = {
     "full-rows+timescale-x0.5": (0.5, 0.0, 4096, FULL),
     "full-rows+width-8192": (1.0, 0.0, 8192, FULL),
 }
+
+# The shipped head's full CV (rows, readout and penalty chosen together, as fit_scanbank does), on banks of other
+# widths, read through one ridge head or as an ensemble of `members` equal parts (fit_head(members=...): each part
+# its own ridge fit, their scores averaged). name -> (total width, members)
+SHIPPED = {
+    "shipped": (4096, 1),
+    "width-12288": (12288, 1),
+    "ensemble-2x4096": (8192, 2),
+    "ensemble-3x4096": (12288, 3),
+    "ensemble-5x4096": (20480, 5),
+}
+
+
+def cv_shipped(ds, seed: int, width: int, members: int, nested: int = 0) -> dict:
+    """fit_head's CV on the whole train split; with nested > 0 also the accuracy of the whole procedure (its own
+    CV choice included) on held-out train series: `nested` x 5 outer folds, fit_head re-run on each outer train
+    part. The bank's unsupervised fit (normaliser, PPV thresholds) sees every train series, labels never."""
+    settings = ClassifySettings(bank_width=width)
+    config = ScanBankConfig(channels=ds.channels, width=width, state_size=settings.bank_state_size,
+                            timescale=max(len(s) for s in ds.x_train))
+    bank = ScanBank(config, seed=seed).fit(ds.x_train, seed=seed)
+    start = time.process_time()
+    feats = bank_features(bank, ds.x_train, (1.0, *settings.readout_cuts))
+    read_ms = 1000 * (time.process_time() - start) / len(ds.x_train)  # the bank's work per series read (one pass)
+    labels = np.searchsorted(ds.classes, ds.y_train)
+    model = ScanBankClassifier(bank, len(ds.classes))
+    info = model.fit_head(feats, labels, seed=seed, members=members)
+    if nested:
+        hits = 0
+        for r in range(nested):
+            for train, held in _folds(labels, 5, seed + 7 + 1000 * r):
+                model.fit_head(feats[train], labels[train], seed=seed, members=members)
+                with torch.no_grad():
+                    scores = model.head(torch.from_numpy(feats[held, 0]))
+                hits += int((scores.argmax(-1).numpy() == labels[held]).sum())
+        info["nested_accuracy"] = 100 * hits / (nested * len(labels))
+    return {**info, "read_ms": read_ms}
 
 
 def cv_by_readout(ds, seed: int, scale: float, log_fastest: float, width: int, fractions: tuple) -> dict:
@@ -59,12 +100,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--datasets", nargs="+", default=["ItalyPowerDemand"])
     ap.add_argument("--only", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--shipped", nargs="+", choices=sorted(SHIPPED),
+                    help="instead of --only: these widths / ensembles with the shipped head's full CV (rows, readout, "
+                    "penalty chosen together); prints each seed's CV accuracy and choice")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--nested", type=int, default=0, metavar="R",
+                    help="with --shipped: also R x 5-fold nested CV of the whole procedure (choice included)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     for name in args.datasets:
         ds = load_dataset(name)
-        for variant in args.only:
+        for variant in args.shipped or ():
+            start = time.perf_counter()
+            runs = [cv_shipped(ds, seed, *SHIPPED[variant], nested=args.nested) for seed in args.seeds]
+            seeds = ", ".join(f"{r['cv_accuracy']:.1f} ({'+'.join(r['pools'])}, rows {r['cuts']}, alpha "
+                              f"{r['alpha']:.3g})" for r in runs)
+            nested = ("" if not args.nested else " | nested " + " ".join(f"{r['nested_accuracy']:.1f}" for r in runs)
+                      + f" mean {np.mean([r['nested_accuracy'] for r in runs]):.2f}")
+            print(f"{name} {variant:24s} CV mean {np.mean([r['cv_accuracy'] for r in runs]):.2f}{nested} | per seed "
+                  f"{seeds} | bank CPU-ms per series read {np.mean([r['read_ms'] for r in runs]):.1f} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+        for variant in () if args.shipped else args.only:
             start = time.perf_counter()
             runs = [cv_by_readout(ds, seed, *VARIANTS[variant]) for seed in args.seeds]
             per_readout = " ".join(f"{k} {np.mean([r[k] for r in runs]):.1f}" for k in runs[0])

@@ -74,7 +74,8 @@ class ClassifySettings:
     penalty, the trained head's penalty) are made by cross-validation on the train split, none on test data."""
 
     method: str = "scanbank"  # scanbank: untrained scan bank + ridge head; trained: a small SSM trained by AdamW
-    bank_width: int = 4096  # scanbank: scan channels (3 features each: running max, mean, PPV)
+    bank_width: int = 4096  # scanbank: scan channels per ensemble member (4 features each: running max, mean, PPV, y_t)
+    bank_members: int = 1  # scanbank: independent banks of bank_width channels, one ridge fit each, scores averaged
     bank_state_size: int = 4
     readout_cuts: tuple[float, ...] = (0.75, 0.5)  # scanbank: the head may also fit these cuts, latest first (CV decides)
     family: str = "mamba"  # trained: backbone mamba | mamba2 | transformer
@@ -104,6 +105,10 @@ class ClassifySettings:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not all(0 < f < 1 for f in self.readout_cuts):
             raise ValueError(f"readout_cuts must lie strictly between 0 and 1, got {self.readout_cuts}")
+        for name in ("bank_width", "bank_members"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
@@ -456,17 +461,18 @@ def fit_scanbank(ds: Dataset, settings: ClassifySettings, seed: int):
     from leanseq.series.scanbank import ScanBank, ScanBankClassifier, ScanBankConfig
 
     classes = ds.classes
-    config = ScanBankConfig(channels=ds.channels, width=settings.bank_width, state_size=settings.bank_state_size,
-                            timescale=max(len(s) for s in ds.x_train))
+    # the members are equal slices of one bank (its channels are independent draws, so a slice is a bank of its own)
+    config = ScanBankConfig(channels=ds.channels, width=settings.bank_width * settings.bank_members,
+                            state_size=settings.bank_state_size, timescale=max(len(s) for s in ds.x_train))
     bank = ScanBank(config, seed=seed).fit(ds.x_train, seed=seed)
     fractions = (1.0, *settings.readout_cuts)
     feats = bank_features(bank, ds.x_train, fractions)  # (N, P, 4W)
     labels = np.searchsorted(classes, ds.y_train)
     model = ScanBankClassifier(bank, len(classes))
-    head = model.fit_head(feats, labels, seed=seed)
+    head = model.fit_head(feats, labels, seed=seed, members=settings.bank_members)
     return model, {"ridge_alpha": head["alpha"], "pools": head["pools"], "head_cuts": head["cuts"],
                    "cv_accuracy": head["cv_accuracy"], "anytime_head": head["anytime"],
-                   "width": config.width, "timescale": config.timescale}
+                   "width": config.width, "members": settings.bank_members, "timescale": config.timescale}
 
 
 def predict_scanbank(model, series: list[np.ndarray], fractions=ANYTIME_FRACTIONS) -> dict:
@@ -712,7 +718,11 @@ def _describe_ours(s: dict) -> str:
     if s.get("method", "trained") == "trained":
         return f"{s['family']}, hidden {s['hidden_size']}, {s['num_layers']} layers, trained by AdamW"
     cuts = "/".join(f"{100 * f:.0f}%" for f in s["readout_cuts"])
-    return (f"scan bank: {s['bank_width']} untrained selective-scan channels (state {s['bank_state_size']}, "
+    members = s.get("bank_members", 1)
+    bank = (f"{s['bank_width']} untrained selective-scan channels" if members == 1 else
+            f"{members} x {s['bank_width']} untrained selective-scan channels ({members} independently drawn banks, "
+            f"one ridge fit each, their scores averaged)")
+    return (f"scan bank: {bank} (state {s['bank_state_size']}, "
             f"random seeded weights) pooled causally (running max, mean, PPV; current response), a ridge head "
             f"fitted on features at 100% and {cuts} of each train series (or at 100% and the first of those, or "
             f"100% alone), that choice, its readout and penalty made by 3x5-fold CV over train series; when it drops "

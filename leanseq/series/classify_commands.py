@@ -29,7 +29,10 @@ def add_subcommand(series_sub) -> None:
                    "a ridge head fitted in closed form; trained: a small SSM trained by AdamW (--family, "
                    "--hidden-size, --num-layers, --epochs, --lr apply to it)")
     p.add_argument("--bank-width", type=positive_int, default=d.bank_width,
-                   help=f"scanbank: scan channels, 3 features each (default {d.bank_width})")
+                   help=f"scanbank: scan channels per bank, 4 features each (default {d.bank_width})")
+    p.add_argument("--bank-members", type=positive_int, default=d.bank_members,
+                   help=f"scanbank: independently drawn banks, one ridge fit each, their class scores averaged "
+                   f"(default {d.bank_members}; work per series grows with it)")
     p.add_argument("--family", choices=("mamba", "mamba2", "transformer"), default=d.family,
                    help=f"trained: backbone (default {d.family})")
     p.add_argument("--hidden-size", type=positive_int, default=d.hidden_size)
@@ -54,7 +57,7 @@ def run(args) -> int:
     if (args.target or args.test_csv) and not args.csv:
         raise ValueError("--target and --test-csv go with --csv")
     settings = ClassifySettings(method=args.method, bank_width=args.bank_width, family=args.family, hidden_size=args.hidden_size, num_layers=args.num_layers,
-                                epochs=args.epochs, lr=args.lr, seeds=tuple(range(args.seeds)),
+                                bank_members=args.bank_members, epochs=args.epochs, lr=args.lr, seeds=tuple(range(args.seeds)),
                                 baselines=() if args.no_baselines else ClassifySettings.baselines, quick=args.quick)
     lock = OutputDirLock(args.out)
     lock.acquire()

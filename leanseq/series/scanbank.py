@@ -23,7 +23,9 @@ What is fitted from data (no labels): the per-channel mean and standard deviatio
 a random training series. Everything else is drawn once from `seed` and never changes. Linear heads on the
 standardised features (ScanBankClassifier; ridge regression, penalty chosen by cross-validation on the train
 split) are the only supervised part: a final head for a series read to its end and, when cross-validation fitted
-that one on full-length rows only, an anytime head fitted on every cut for answers before the end.
+that one on full-length rows only, an anytime head fitted on every cut for answers before the end. With
+fit_head(members=M) the bank's channels are read as M independently drawn banks, one ridge fit each, their scores
+averaged (still one linear head per answer).
 
 Missing values (NaN) enter as 0 plus a per-channel missing flag with its own random weights, as in
 leanseq.series.encoder; infinite values are refused.
@@ -316,7 +318,7 @@ class ScanBankClassifier(nn.Module):
         return sum(p.numel() for p in self.parameters())  # the bank holds buffers only
 
     def fit_head(self, feats: np.ndarray, labels: np.ndarray, alphas=RIDGE_PENALTIES, choices=POOL_CHOICES,
-                 cut_choices=CUT_CHOICES, folds: int = 5, repeats: int = 3, seed: int = 0) -> dict:
+                 cut_choices=CUT_CHOICES, folds: int = 5, repeats: int = 3, seed: int = 0, members: int = 1) -> dict:
         """Ridge regression of +-1 one-hot labels on standardised features. feats (N, P, 4W) holds each train
         series read at P cuts (index 0: its full length), labels (N,) its class index. Which rows the final head
         fits (`cut_choices`: None = every cut, k = the first k cuts, 1 = the full-length rows alone), which blocks
@@ -326,18 +328,26 @@ class ScanBankClassifier(nn.Module):
         penalty); then the head is refitted on the chosen rows, with zero weight on the blocks not chosen. The
         anytime head is fitted on every cut read, with the blocks and penalty the same CV scored best for those
         rows (the chosen ones when `cut_choices` lacks None); when the final head's rows are every cut already it
-        is the final head itself (anytime_head = None). Standardisation is folded into the Linear heads. Returns
-        {"alpha": penalty, "pools": the chosen blocks, "cuts": how many of each series' rows were fitted,
-        "cv_accuracy": % of train series, "anytime": None when shared, else {"alpha", "pools", "cuts"} of the
-        anytime head}."""
+        is the final head itself (anytime_head = None). Standardisation is folded into the Linear heads.
+
+        members > 1: the bank's W channels are split into `members` equal parts (independent random draws, so
+        each is a bank of its own), each part gets its own ridge fit with the shared choice, and the head is the
+        average of their scores (itself one linear head on all the features); the CV scores that average. It
+        evens out the luck of one bank's draw. Returns {"alpha": penalty, "pools": the chosen blocks, "cuts": how
+        many of each series' rows were fitted, "cv_accuracy": % of train series, "members", "anytime": None when
+        shared, else {"alpha", "pools", "cuts"} of the anytime head}."""
         n, cuts, width = feats.shape
         k, w = self.head.out_features, self.bank.config.width
+        if isinstance(members, bool) or not isinstance(members, int) or members < 1 or w % members:
+            raise ValueError(f"members must be a positive int dividing the bank width {w}, got {members!r}")
         flat = feats.reshape(n * cuts, width).astype(np.float64)
         mean, std = flat.mean(0), flat.std(0) + 1e-6
         x = ((feats - mean) / std).astype(np.float32)  # (N, P, F); Gram matrices in float32, solves in float64
         target = -np.ones((n, k))
         target[np.arange(n), labels] = 1.0
-        block = {name: slice(i * w, (i + 1) * w) for i, name in enumerate(POOLS)}
+        part = w // members  # channels per member; member m's block b: its channels within block b's W features
+        block = {(m, name): slice(i * w + m * part, i * w + (m + 1) * part)
+                 for i, name in enumerate(POOLS) for m in range(members)}
         alphas = np.asarray(alphas, dtype=np.float64)
         # rows fitted per series, each option once (an option beyond the cuts read means all of them)
         cut_choices = tuple(dict.fromkeys(cuts if u is None else min(int(u), cuts) for u in cut_choices))
@@ -351,28 +361,34 @@ class ScanBankClassifier(nn.Module):
                 rows = rows - rows_mean
                 held_rows = x[held, 0] - rows_mean
                 y_rows = np.repeat(target[train], used, axis=0)
-                grams = {b: (rows[:, block[b]] @ rows[:, block[b]].T).astype(np.float64) for b in POOLS}  # summed
-                cross = {b: (held_rows[:, block[b]] @ rows[:, block[b]].T).astype(np.float64) for b in POOLS}
-                for c, choice in enumerate(choices):
-                    dual_for = _ridge_dual(sum(grams[b] for b in choice), y_rows)
-                    cross_c = sum(cross[b] for b in choice)
-                    for a, alpha in enumerate(alphas):
-                        scores = cross_c @ dual_for(alpha) + y_rows.mean(0)
-                        correct[u, c, a] += (scores.argmax(1) == labels[held]).sum()
+                scores = np.zeros((len(choices), len(alphas), len(held), k))  # summed over members
+                for m in range(members):
+                    grams = {b: (rows[:, block[m, b]] @ rows[:, block[m, b]].T).astype(np.float64) for b in POOLS}
+                    cross = {b: (held_rows[:, block[m, b]] @ rows[:, block[m, b]].T).astype(np.float64)
+                             for b in POOLS}
+                    for c, choice in enumerate(choices):
+                        dual_for = _ridge_dual(sum(grams[b] for b in choice), y_rows)
+                        cross_c = sum(cross[b] for b in choice)
+                        for a, alpha in enumerate(alphas):
+                            scores[c, a] += cross_c @ dual_for(alpha)
+                scores = scores / members + y_rows.mean(0)
+                correct[u] += (scores.argmax(-1) == labels[held]).sum(-1)
 
         def best(options):  # ties: the earlier rows choice, then the earlier blocks, then the larger penalty
             return max(options, key=lambda uca: (correct[uca], -uca[0], -uca[1], alphas[uca[2]]))
 
         def fit(head: nn.Linear, used: int, choice, alpha: float) -> None:
-            cols = np.concatenate([np.arange(width)[block[b]] for b in choice])
-            rows = x[:, :used].reshape(-1, width)[:, cols]
-            rows_mean = rows.mean(0)
-            rows = rows - rows_mean
-            y_rows = np.repeat(target, used, axis=0)  # coef below: (K, F chosen)
-            coef = (rows.T.astype(np.float64) @ _ridge_dual((rows @ rows.T).astype(np.float64), y_rows)(alpha)).T
-            weight = np.zeros((k, width))
-            weight[:, cols] = coef / std[cols]  # ((x - m) / s) @ coef.T == x @ (coef / s).T - (coef / s) @ m
-            bias = y_rows.mean(0) - coef @ rows_mean - weight @ mean
+            weight, bias = np.zeros((k, width)), np.zeros(k)
+            y_rows = np.repeat(target, used, axis=0)
+            for m in range(members):  # the average of the members' ridge fits
+                cols = np.concatenate([np.arange(width)[block[m, b]] for b in choice])
+                rows = x[:, :used].reshape(-1, width)[:, cols]
+                rows_mean = rows.mean(0)
+                rows = rows - rows_mean  # coef below: (K, F chosen)
+                coef = (rows.T.astype(np.float64) @ _ridge_dual((rows @ rows.T).astype(np.float64), y_rows)(alpha)).T
+                scaled = coef / std[cols]  # ((x - m) / s) @ coef.T == x @ (coef / s).T - (coef / s) @ m
+                weight[:, cols] = scaled / members
+                bias += (y_rows.mean(0) - coef @ rows_mean - scaled @ mean[cols]) / members
             with torch.no_grad():
                 head.weight.copy_(torch.from_numpy(weight).float())
                 head.bias.copy_(torch.from_numpy(bias).float())
@@ -380,7 +396,7 @@ class ScanBankClassifier(nn.Module):
         u, c, a = best(np.ndindex(*correct.shape))
         fit(self.head, cut_choices[u], choices[c], alphas[a])
         info = {"alpha": float(alphas[a]), "pools": list(choices[c]), "cuts": cut_choices[u],
-                "cv_accuracy": float(100 * correct[u, c, a] / (n * repeats)), "anytime": None}
+                "cv_accuracy": float(100 * correct[u, c, a] / (n * repeats)), "members": members, "anytime": None}
         self.anytime_head = None
         if cut_choices[u] < cuts:  # the final head skipped cut rows: the anytime answers get their own head
             if cuts in cut_choices:

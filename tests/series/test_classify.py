@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -34,6 +35,14 @@ def test_classify_arrays_of_unequal_lengths_with_anytime_answers(tmp_path):
     saved = json.loads((tmp_path / "classify.json").read_text())
     assert saved["rows"][0]["ours"]["anytime_mean"]["0.5"] == row["ours"]["anytime_mean"]["0.5"]
     assert (tmp_path / "classify.png").stat().st_size > 0 and "| arrays |" in (tmp_path / "classify.md").read_text()
+    # an ensemble of two banks (one ridge fit each, scores averaged) reads the same series; its size is counted
+    report = classify(arrays=(xtr, ytr, xte, yte), settings=dataclasses.replace(settings, bank_members=2),
+                      progress=False, write=False)
+    two = report["rows"][0]["ours"]
+    assert two["accuracy_mean"] >= 90.0 and two["runs"][0]["members"] == 2 and two["bytes"] > row["ours"]["bytes"]
+    assert "2 x 512 untrained selective-scan channels" in report["table"]
+    with pytest.raises(ValueError, match="bank_members"):
+        classify(arrays=(xtr, ytr, xte, yte), settings=dataclasses.replace(settings, bank_members=0), write=False)
 
 
 def test_anytime_readout_is_causal_and_streams():

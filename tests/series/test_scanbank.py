@@ -172,3 +172,28 @@ def test_one_head_when_cross_validation_keeps_every_cut():
     assert model.num_head_parameters() == sum(p.numel() for p in model.head.parameters())
     x = torch.randn(3, 9, 1)
     torch.testing.assert_close(model(x, at_end=False), model(x))
+
+
+def test_ensemble_head_is_the_average_of_its_members_fitted_alone():
+    # a bank of 64 channels read as 2 members of 32: each member's ridge fit on its own channels alone, with the
+    # same choice, and the ensemble's scores are the mean of theirs (one linear head on all the features)
+    rng = np.random.default_rng(5)
+    labels = np.array([0, 1, 2] * 12)
+    wide = ScanBank(ScanBankConfig(channels=1, width=64, group_width=16, timescale=8), seed=0)
+    half = ScanBank(ScanBankConfig(channels=1, width=32, group_width=16, timescale=8), seed=0)
+    feats = rng.normal(0, 1, (36, 2, wide.num_features))
+    feats[:, :, :3] += 4.0 * labels[:, None, None]  # member 0 sees the class, member 1 noise
+    fixed = {"choices": (("max", "last"),), "alphas": (30.0,), "cut_choices": (None,)}
+    ensemble = ScanBankClassifier(wide, 3)
+    info = ensemble.fit_head(feats, labels, members=2, **fixed)
+    assert info["members"] == 2 and info["cv_accuracy"] > 50
+    probe = torch.from_numpy(rng.normal(0, 1, (5, wide.num_features))).float()
+    member_scores = []
+    for m in range(2):  # member m: channels 32 m .. 32 m + 31 of every block
+        cols = np.concatenate([np.arange(b * 64 + 32 * m, b * 64 + 32 * (m + 1)) for b in range(4)])
+        alone = ScanBankClassifier(half, 3)
+        alone.fit_head(feats[:, :, cols], labels, **fixed)
+        member_scores.append(alone.head(probe[:, cols]))
+    torch.testing.assert_close(ensemble.head(probe), (member_scores[0] + member_scores[1]) / 2, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="members"):
+        ensemble.fit_head(feats, labels, members=3)
