@@ -1,10 +1,19 @@
-"""argparse `type=` converters shared by every room's subcommands: a bad number is refused by argparse with a
-one-line message naming the flag, before any work starts."""
+"""argparse helpers shared by every room's subcommands: `type=` converters (a bad number is refused by argparse
+with a one-line message naming the flag, before any work starts) and command groups (`leanseq dna classify`)."""
 
 from __future__ import annotations
 
 import argparse
 import math
+
+
+def command_group(subparsers, name: str, metavar: str = "COMMAND", **parser_kwargs):
+    """Add the group `leanseq NAME SUBCOMMAND ...` -> its subparsers, for the room to add its subcommands to.
+    `leanseq NAME` alone prints the group's help and exits with 2."""
+    group = subparsers.add_parser(name, **parser_kwargs)
+    sub = group.add_subparsers(dest=f"{name}_command", metavar=metavar)
+    group.set_defaults(func=lambda args: (group.print_help(), 2)[1])
+    return sub
 
 
 def int_at_least(low: int):

@@ -143,3 +143,11 @@ def test_a_real_process_prints_one_line_and_with_debug_the_traceback(tmp_path):
     assert debug.returncode == 1
     assert debug.stderr.startswith("Traceback (most recent call last):")
     assert debug.stderr.rstrip().endswith("ConfigError: train.weight_decay: must be a finite number >= 0, got inf")
+
+
+@pytest.mark.parametrize(("group", "first"), [("bench", "context"), ("repro", "induction"), ("lm", "race"),
+                                              ("dna", "classify"), ("series", "classify")])
+def test_a_command_group_alone_prints_its_subcommands_and_exits_2(capsys, group, first):
+    assert main([group]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: leanseq {group}") and first in out

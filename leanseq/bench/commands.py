@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from leanseq.argtypes import command_group
+
 
 def _arg(parse, what: str):
     def convert(text):
@@ -37,9 +39,7 @@ def register(subparsers) -> None:
     from leanseq.bench.spec import DEFAULT_MODEL_A, DEFAULT_MODEL_B
     from leanseq.energy import add_cli_arguments
 
-    bench = subparsers.add_parser("bench", help="measure models side by side on this machine")
-    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
-    bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
+    bench_sub = command_group(subparsers, "bench", metavar="BENCHMARK", help="measure models side by side on this machine")
 
     p = bench_sub.add_parser(
         "context",

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from leanseq.argtypes import positive_float, positive_int
+from leanseq.argtypes import command_group, positive_float, positive_int
 
 
 def _common(p: argparse.ArgumentParser, default_out: str) -> None:
@@ -18,9 +18,7 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
 
 
 def register(subparsers) -> None:
-    repro = subparsers.add_parser("repro", help="reproduce the Mamba paper's synthetic results on this machine")
-    sub = repro.add_subparsers(dest="repro_command", metavar="EXPERIMENT")
-    repro.set_defaults(func=lambda args: (repro.print_help(), 2)[1])
+    sub = command_group(subparsers, "repro", metavar="EXPERIMENT", help="reproduce the Mamba paper's synthetic results on this machine")
 
     p = sub.add_parser(
         "induction", help="Induction Heads: train at 256, test at 2^6 .. 2^20 (Mamba paper Table 11 / Table 2)",

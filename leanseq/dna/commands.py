@@ -5,15 +5,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from leanseq.argtypes import positive_float, positive_int
+from leanseq.argtypes import command_group, positive_float, positive_int
 
 
 def register(subparsers) -> None:
     from leanseq.energy import add_cli_arguments
 
-    dna = subparsers.add_parser("dna", help="DNA sequence classification (FASTA in), reverse-complement aware")
-    sub = dna.add_subparsers(dest="dna_command", metavar="COMMAND")
-    dna.set_defaults(func=lambda args: (dna.print_help(), 2)[1])
+    sub = command_group(subparsers, "dna", help="DNA sequence classification (FASTA in), reverse-complement aware")
 
     p = sub.add_parser(
         "classify", help="CNN, transformer and Mamba (with and without RC handling) side by side over seeds",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 
+from leanseq.argtypes import command_group
+
 SUBCOMMAND_MODULES = [
     "leanseq.series.classify_commands",
     "leanseq.series.stream_commands",
@@ -16,10 +18,9 @@ SUBCOMMAND_MODULES = [
 
 
 def register(subparsers) -> None:
-    series = subparsers.add_parser("series", help="time series: classification and more, against the usual tools",
-                                   description="Time-series workloads measured side by side with the methods "
-                                   "practitioners use, on datasets that ship inside installed packages.")
-    series_sub = series.add_subparsers(dest="series_command", metavar="TASK")
-    series.set_defaults(func=lambda args: (series.print_help(), 2)[1])
+    series_sub = command_group(subparsers, "series", metavar="TASK",
+                               help="time series: classification and more, against the usual tools",
+                               description="Time-series workloads measured side by side with the methods "
+                               "practitioners use, on datasets that ship inside installed packages.")
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).add_subcommand(series_sub)

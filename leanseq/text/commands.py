@@ -6,15 +6,13 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from leanseq.argtypes import positive_float, positive_int
+from leanseq.argtypes import command_group, positive_float, positive_int
 
 
 def register(subparsers) -> None:
     from leanseq.energy import add_cli_arguments
 
-    lm = subparsers.add_parser("lm", help="byte-level language models on the Shakespeare corpus")
-    sub = lm.add_subparsers(dest="lm_command", metavar="COMMAND")
-    lm.set_defaults(func=lambda args: (lm.print_help(), 2)[1])
+    sub = command_group(subparsers, "lm", help="byte-level language models on the Shakespeare corpus")
     p = sub.add_parser(
         "race", help="Mamba vs transformer: validation bits per byte at the same training energy",
         description="Train a byte-level Mamba (or Mamba-2) and a Llama-style transformer of similar size on the "
