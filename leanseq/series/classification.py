@@ -447,7 +447,7 @@ def _cut_positions(lengths: torch.Tensor, fractions) -> torch.Tensor:
 
 
 def bank_features(bank, series: list[np.ndarray], fractions=(1.0,), budget: int = 8_000_000) -> np.ndarray:
-    """Pooled features of each series read at each fraction of its length, from one pass -> (N, P, 4W).
+    """Pooled features of each series read at each fraction of its length, from one pass -> (N, P, F).
     Batches hold about `budget` (series x steps x channels) numbers; padding sits after a row's end, never read."""
     out = []
     longest = max(len(s) for s in series)
@@ -477,7 +477,7 @@ def fit_scanbank(ds: Dataset, settings: ClassifySettings, seed: int):
                             raw_steps=raw_steps_for(ds, settings))
     bank = ScanBank(config, seed=seed).fit(ds.x_train, seed=seed)
     fractions = (1.0, *settings.readout_cuts)
-    feats = bank_features(bank, ds.x_train, fractions)  # (N, P, 4W)
+    feats = bank_features(bank, ds.x_train, fractions)  # (N, P, F)
     labels = np.searchsorted(classes, ds.y_train)
     model = ScanBankClassifier(bank, len(classes))
     head = model.fit_head(feats, labels, seed=seed, members=settings.bank_members)
@@ -490,7 +490,7 @@ def fit_scanbank(ds: Dataset, settings: ClassifySettings, seed: int):
 def predict_scanbank(model, series: list[np.ndarray], fractions=ANYTIME_FRACTIONS) -> dict:
     """One pass per test series -> predicted class indices at the full length (the final head) and at each
     fraction (the anytime head: the series has not ended there)."""
-    feats = torch.from_numpy(bank_features(model.bank, series, (1.0, *fractions)))  # (N, 1 + F, 4W)
+    feats = torch.from_numpy(bank_features(model.bank, series, (1.0, *fractions)))  # (N, 1 + P, F)
     with torch.no_grad():
         full = model.head_for(at_end=True)(feats[:, 0]).argmax(-1).numpy()  # (N,)
         cut = model.head_for(at_end=False)(feats[:, 1:]).argmax(-1).numpy()  # (N, F)

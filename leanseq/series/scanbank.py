@@ -16,7 +16,10 @@ C vectors (the Mamba-1 layout: B_t, C_t are per position, shared by a group's ch
 D adds the convolution's output itself. Each channel's response y is pooled causally: its running max, its
 running mean, and its running proportion of positive values (PPV: the share of steps where y exceeds a
 per-channel threshold). The pooled state is a sum, a max and a count per channel, so the features after
-observation t are exact for the prefix 1..t: one pass gives an answer at every cut.
+observation t are exact for the prefix 1..t: one pass gives an answer at every cut. With raw_steps = R > 0 the
+state also keeps the first R normalised values of the series, and the features end with them and their first
+differences (block "raw", zero where a step is not read yet): for short series whose class is *when* something
+happens, the values themselves; the head's cross-validation decides whether to read them.
 
 What is fitted from data (no labels): the per-channel mean and standard deviation of the training values
 (the normaliser) and each channel's PPV threshold, a random quantile (25-75%) of that channel's response on
@@ -248,8 +251,8 @@ class ScanBank(nn.Module):
 
     @torch.no_grad()
     def forward(self, values, state: ScanBankState | None = None, return_state: bool = False, read_at=None):
-        """values (B, L, C) -> pooled features (B, 4W) after the last observation, or at positions
-        read_at (B, P) (0-based, each < L) -> (B, P, 4W); with return_state=True also the state after all L
+        """values (B, L, C) -> pooled features (B, F) after the last observation (F = num_features: 4W, then the
+        raw block if any), or at positions read_at (B, P) (0-based, each < L) -> (B, P, F); with return_state=True also the state after all L
         observations (feed equal-length chunks; a padded row's state would include its padding)."""
         values = _as_values(values, self.config.channels, 3, "values", torch.float32, torch.device("cpu"))
         b = values.shape[0]
@@ -289,7 +292,7 @@ class ScanBank(nn.Module):
 
     @torch.no_grad()
     def step(self, values_t, state: ScanBankState) -> tuple[torch.Tensor, ScanBankState]:
-        """One observation per row (B, C) -> (pooled features (B, 4W) after it, the new state); pure."""
+        """One observation per row (B, C) -> (pooled features (B, F) after it, the new state); pure."""
         values_t = _as_values(values_t, self.config.channels, 2, "values_t", torch.float32, torch.device("cpu"))
         b = values_t.shape[0]
         self.check_state(state, b)
@@ -355,7 +358,7 @@ class ScanBankClassifier(nn.Module):
 
     def fit_head(self, feats: np.ndarray, labels: np.ndarray, alphas=RIDGE_PENALTIES, choices=None,
                  cut_choices=CUT_CHOICES, folds: int = 5, repeats: int = 3, seed: int = 0, members: int = 1) -> dict:
-        """Ridge regression of +-1 one-hot labels on standardised features. feats (N, P, 4W) holds each train
+        """Ridge regression of +-1 one-hot labels on standardised features. feats (N, P, F) holds each train
         series read at P cuts (index 0: its full length), labels (N,) its class index. Which rows the final head
         fits (`cut_choices`: None = every cut, k = the first k cuts, 1 = the full-length rows alone), which blocks
         (one of `choices`, see POOLS) and which penalty are chosen by k-fold cross-validation over series, repeated
