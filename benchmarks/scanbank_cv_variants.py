@@ -45,8 +45,8 @@ VARIANTS = {
 # widths, read through one ridge head or as an ensemble of `members` equal parts (fit_head(members=...): each part
 # its own ridge fit, their scores averaged), or with the raw block offered to the CV (the first values of the series
 # and their differences, ScanBankConfig.raw_steps; "raw-always": only readouts with it). name -> (total width,
-# members, raw block: "off" | "offered" | "always"; the raw block only where the longest series x channels <= 512,
-# ClassifySettings.bank_raw_limit)
+# members, raw block: "off" | "offered" | "always"; the raw block only where the longest series x channels <= 512)
+RAW_LIMIT = 512  # --bank-raw-limit of the raw variants (the shipped default is 0: off)
 SHIPPED = {
     "shipped": (4096, 1, "off"),
     "width-12288": (12288, 1, "off"),
@@ -62,7 +62,7 @@ def cv_shipped(ds, seed: int, width: int, members: int, raw: str = "off", nested
     """fit_head's CV on the whole train split; with nested > 0 also the accuracy of the whole procedure (its own
     CV choice included) on held-out train series: `nested` x 5 outer folds, fit_head re-run on each outer train
     part. The bank's unsupervised fit (normaliser, PPV thresholds) sees every train series, labels never."""
-    settings = ClassifySettings(bank_width=width, bank_raw_limit=0 if raw == "off" else ClassifySettings.bank_raw_limit)
+    settings = ClassifySettings(bank_width=width, bank_raw_limit=0 if raw == "off" else RAW_LIMIT)
     config = ScanBankConfig(channels=ds.channels, width=width, state_size=settings.bank_state_size,
                             timescale=max(len(s) for s in ds.x_train), raw_steps=raw_steps_for(ds, settings))
     choices = tuple(c + ("raw",) for c in POOL_CHOICES) if raw == "always" else None
