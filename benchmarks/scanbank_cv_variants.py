@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from leanseq.series.classification import ClassifySettings, bank_features, load_dataset
+from leanseq.series.classification import ClassifySettings, bank_features, load_dataset, raw_steps_for
 from leanseq.series.scanbank import POOL_CHOICES, ScanBank, ScanBankClassifier, ScanBankConfig, _folds
 
 # name -> (timescale as a multiple of the longest train series, log of the fastest step size, width, rows fitted)
@@ -43,35 +43,41 @@ VARIANTS = {
 
 # The shipped head's full CV (rows, readout and penalty chosen together, as fit_scanbank does), on banks of other
 # widths, read through one ridge head or as an ensemble of `members` equal parts (fit_head(members=...): each part
-# its own ridge fit, their scores averaged). name -> (total width, members)
+# its own ridge fit, their scores averaged), or with the raw block offered to the CV (the first values of the series
+# and their differences, ScanBankConfig.raw_steps; "raw-always": only readouts with it). name -> (total width,
+# members, raw block: "off" | "offered" | "always"; the raw block only where the longest series x channels <= 512)
+RAW_LIMIT = 512  # --bank-raw-limit of the raw variants (the shipped default is 0: off)
 SHIPPED = {
-    "shipped": (4096, 1),
-    "width-12288": (12288, 1),
-    "ensemble-2x4096": (8192, 2),
-    "ensemble-3x4096": (12288, 3),
-    "ensemble-5x4096": (20480, 5),
+    "shipped": (4096, 1, "off"),
+    "width-12288": (12288, 1, "off"),
+    "ensemble-2x4096": (8192, 2, "off"),
+    "ensemble-3x4096": (12288, 3, "off"),
+    "ensemble-5x4096": (20480, 5, "off"),
+    "raw": (4096, 1, "offered"),
+    "raw-always": (4096, 1, "always"),
 }
 
 
-def cv_shipped(ds, seed: int, width: int, members: int, nested: int = 0) -> dict:
+def cv_shipped(ds, seed: int, width: int, members: int, raw: str = "off", nested: int = 0) -> dict:
     """fit_head's CV on the whole train split; with nested > 0 also the accuracy of the whole procedure (its own
     CV choice included) on held-out train series: `nested` x 5 outer folds, fit_head re-run on each outer train
     part. The bank's unsupervised fit (normaliser, PPV thresholds) sees every train series, labels never."""
-    settings = ClassifySettings(bank_width=width)
+    settings = ClassifySettings(bank_width=width, bank_raw_limit=0 if raw == "off" else RAW_LIMIT)
     config = ScanBankConfig(channels=ds.channels, width=width, state_size=settings.bank_state_size,
-                            timescale=max(len(s) for s in ds.x_train))
+                            timescale=max(len(s) for s in ds.x_train), raw_steps=raw_steps_for(ds, settings))
+    choices = tuple(c + ("raw",) for c in POOL_CHOICES) if raw == "always" else None
     bank = ScanBank(config, seed=seed).fit(ds.x_train, seed=seed)
     start = time.process_time()
     feats = bank_features(bank, ds.x_train, (1.0, *settings.readout_cuts))
     read_ms = 1000 * (time.process_time() - start) / len(ds.x_train)  # the bank's work per series read (one pass)
     labels = np.searchsorted(ds.classes, ds.y_train)
     model = ScanBankClassifier(bank, len(ds.classes))
-    info = model.fit_head(feats, labels, seed=seed, members=members)
+    info = model.fit_head(feats, labels, seed=seed, members=members, choices=choices)
     if nested:
         hits = 0
         for r in range(nested):
             for train, held in _folds(labels, 5, seed + 7 + 1000 * r):
-                model.fit_head(feats[train], labels[train], seed=seed, members=members)
+                model.fit_head(feats[train], labels[train], seed=seed, members=members, choices=choices)
                 with torch.no_grad():
                     scores = model.head(torch.from_numpy(feats[held, 0]))
                 hits += int((scores.argmax(-1).numpy() == labels[held]).sum())

@@ -77,6 +77,11 @@ class ClassifySettings:
     bank_width: int = 4096  # scanbank: scan channels per ensemble member (4 features each: running max, mean, PPV, y_t)
     bank_members: int = 1  # scanbank: independent banks of bank_width channels, one ridge fit each, scores averaged
     bank_state_size: int = 4
+    # scanbank: offer the CV the series' own normalised values and first differences as an extra feature block
+    # (ScanBankConfig.raw_steps) when the longest train series x channels is at most this many numbers (0: never).
+    # Off by default: on ItalyPowerDemand the CV took it (train-split CV 97.84 -> 98.34) and the test split then
+    # scored 3.6 points lower (docs/series_classify.md, "Tried"); 512 is the limit that run used
+    bank_raw_limit: int = 0
     readout_cuts: tuple[float, ...] = (0.75, 0.5)  # scanbank: the head may also fit these cuts, latest first (CV decides)
     family: str = "mamba"  # trained: backbone mamba | mamba2 | transformer
     hidden_size: int = 32
@@ -105,10 +110,10 @@ class ClassifySettings:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not all(0 < f < 1 for f in self.readout_cuts):
             raise ValueError(f"readout_cuts must lie strictly between 0 and 1, got {self.readout_cuts}")
-        for name in ("bank_width", "bank_members"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        for name in ("bank_width", "bank_members", "bank_raw_limit"):
+            v, least = getattr(self, name), 0 if name == "bank_raw_limit" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {v!r}")
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
@@ -444,7 +449,7 @@ def _cut_positions(lengths: torch.Tensor, fractions) -> torch.Tensor:
 
 
 def bank_features(bank, series: list[np.ndarray], fractions=(1.0,), budget: int = 8_000_000) -> np.ndarray:
-    """Pooled features of each series read at each fraction of its length, from one pass -> (N, P, 4W).
+    """Pooled features of each series read at each fraction of its length, from one pass -> (N, P, F).
     Batches hold about `budget` (series x steps x channels) numbers; padding sits after a row's end, never read."""
     out = []
     longest = max(len(s) for s in series)
@@ -455,6 +460,13 @@ def bank_features(bank, series: list[np.ndarray], fractions=(1.0,), budget: int 
     return np.concatenate(out)
 
 
+def raw_steps_for(ds: Dataset, settings: ClassifySettings) -> int:
+    """How many first values the bank's raw block keeps: the longest train series when it times the channels is
+    within settings.bank_raw_limit, else 0 (no raw block; its CV cost and weights grow with the length)."""
+    longest = max(len(s) for s in ds.x_train)
+    return longest if longest * ds.channels <= settings.bank_raw_limit else 0
+
+
 def fit_scanbank(ds: Dataset, settings: ClassifySettings, seed: int):
     """Draw a bank from `seed`, fit its normaliser and PPV thresholds on the train series (no labels), then
     the ridge head on features read at the full length and at settings.readout_cuts -> (model, info)."""
@@ -463,22 +475,24 @@ def fit_scanbank(ds: Dataset, settings: ClassifySettings, seed: int):
     classes = ds.classes
     # the members are equal slices of one bank (its channels are independent draws, so a slice is a bank of its own)
     config = ScanBankConfig(channels=ds.channels, width=settings.bank_width * settings.bank_members,
-                            state_size=settings.bank_state_size, timescale=max(len(s) for s in ds.x_train))
+                            state_size=settings.bank_state_size, timescale=max(len(s) for s in ds.x_train),
+                            raw_steps=raw_steps_for(ds, settings))
     bank = ScanBank(config, seed=seed).fit(ds.x_train, seed=seed)
     fractions = (1.0, *settings.readout_cuts)
-    feats = bank_features(bank, ds.x_train, fractions)  # (N, P, 4W)
+    feats = bank_features(bank, ds.x_train, fractions)  # (N, P, F)
     labels = np.searchsorted(classes, ds.y_train)
     model = ScanBankClassifier(bank, len(classes))
     head = model.fit_head(feats, labels, seed=seed, members=settings.bank_members)
     return model, {"ridge_alpha": head["alpha"], "pools": head["pools"], "head_cuts": head["cuts"],
                    "cv_accuracy": head["cv_accuracy"], "anytime_head": head["anytime"],
-                   "width": config.width, "members": settings.bank_members, "timescale": config.timescale}
+                   "width": config.width, "members": settings.bank_members, "timescale": config.timescale,
+                   "raw_steps": config.raw_steps}
 
 
 def predict_scanbank(model, series: list[np.ndarray], fractions=ANYTIME_FRACTIONS) -> dict:
     """One pass per test series -> predicted class indices at the full length (the final head) and at each
     fraction (the anytime head: the series has not ended there)."""
-    feats = torch.from_numpy(bank_features(model.bank, series, (1.0, *fractions)))  # (N, 1 + F, 4W)
+    feats = torch.from_numpy(bank_features(model.bank, series, (1.0, *fractions)))  # (N, 1 + P, F)
     with torch.no_grad():
         full = model.head_for(at_end=True)(feats[:, 0]).argmax(-1).numpy()  # (N,)
         cut = model.head_for(at_end=False)(feats[:, 1:]).argmax(-1).numpy()  # (N, F)
@@ -723,7 +737,10 @@ def _describe_ours(s: dict) -> str:
             f"{members} x {s['bank_width']} untrained selective-scan channels ({members} independently drawn banks, "
             f"one ridge fit each, their scores averaged)")
     return (f"scan bank: {bank} (state {s['bank_state_size']}, "
-            f"random seeded weights) pooled causally (running max, mean, PPV; current response), a ridge head "
+            f"random seeded weights) pooled causally (running max, mean, PPV; current response)"
+            + (f", beside the series' own first values and their differences (block 'raw', where length x channels "
+               f"<= {s['bank_raw_limit']}; the CV may add it to any readout)" if s.get("bank_raw_limit") else "")
+            + f", a ridge head "
             f"fitted on features at 100% and {cuts} of each train series (or at 100% and the first of those, or "
             f"100% alone), that choice, its readout and penalty made by 3x5-fold CV over train series; when it drops "
             f"cut rows, a second (anytime) head fitted on every cut answers before the end; params = the heads' "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from leanseq.argtypes import positive_float, positive_int
+from leanseq.argtypes import int_at_least, positive_float, positive_int
 
 
 def add_subcommand(series_sub) -> None:
@@ -33,6 +33,9 @@ def add_subcommand(series_sub) -> None:
     p.add_argument("--bank-members", type=positive_int, default=d.bank_members,
                    help=f"scanbank: independently drawn banks, one ridge fit each, their class scores averaged "
                    f"(default {d.bank_members}; work per series grows with it)")
+    p.add_argument("--bank-raw-limit", type=int_at_least(0), default=d.bank_raw_limit, metavar="N",
+                   help="scanbank: offer the CV the series' own normalised values and first differences as a feature "
+                   f"block when the longest train series x channels <= N, 0 = never (default {d.bank_raw_limit})")
     p.add_argument("--family", choices=("mamba", "mamba2", "transformer"), default=d.family,
                    help=f"trained: backbone (default {d.family})")
     p.add_argument("--hidden-size", type=positive_int, default=d.hidden_size)
@@ -57,7 +60,7 @@ def run(args) -> int:
     if (args.target or args.test_csv) and not args.csv:
         raise ValueError("--target and --test-csv go with --csv")
     settings = ClassifySettings(method=args.method, bank_width=args.bank_width, family=args.family, hidden_size=args.hidden_size, num_layers=args.num_layers,
-                                bank_members=args.bank_members, epochs=args.epochs, lr=args.lr, seeds=tuple(range(args.seeds)),
+                                bank_members=args.bank_members, bank_raw_limit=args.bank_raw_limit, epochs=args.epochs, lr=args.lr, seeds=tuple(range(args.seeds)),
                                 baselines=() if args.no_baselines else ClassifySettings.baselines, quick=args.quick)
     lock = OutputDirLock(args.out)
     lock.acquire()

@@ -16,7 +16,10 @@ C vectors (the Mamba-1 layout: B_t, C_t are per position, shared by a group's ch
 D adds the convolution's output itself. Each channel's response y is pooled causally: its running max, its
 running mean, and its running proportion of positive values (PPV: the share of steps where y exceeds a
 per-channel threshold). The pooled state is a sum, a max and a count per channel, so the features after
-observation t are exact for the prefix 1..t: one pass gives an answer at every cut.
+observation t are exact for the prefix 1..t: one pass gives an answer at every cut. With raw_steps = R > 0 the
+state also keeps the first R normalised values of the series, and the features end with them and their first
+differences (block "raw", zero where a step is not read yet): for short series whose class is *when* something
+happens, the values themselves; the head's cross-validation decides whether to read them.
 
 What is fitted from data (no labels): the per-channel mean and standard deviation of the training values
 (the normaliser) and each channel's PPV threshold, a random quantile (25-75%) of that channel's response on
@@ -54,6 +57,9 @@ POOL_CHOICES = (("max", "mean", "ppv"), ("ppv",), ("last",), POOLS)
 # (row 0 is the full length, then the cuts in the order read, latest first); chosen per dataset by the same CV. On
 # short series whose class shows in *when* things happen (ItalyPowerDemand, 24 steps) early cuts mislead the head
 CUT_CHOICES = (None, 2, 1)
+# With ScanBankConfig.raw_steps > 0 the features end with a fifth block, "raw": the first raw_steps normalised values
+# of the series and their first differences (zero where not read yet). The CV may add it to any readout above
+RAW = "raw"
 
 
 @dataclasses.dataclass
@@ -64,12 +70,13 @@ class ScanBankConfig:
     state_size: int = 4  # N per channel; A = -(1..N) (S4D-real), so each channel mixes N decays
     conv_kernel: int = 9
     timescale: int = 256  # the longest memory drawn, in steps (the classifier sets it to the longest train series)
+    raw_steps: int = 0  # > 0: also keep the first raw_steps normalised values and their differences (block "raw")
 
     def check(self) -> None:
-        for name in ("channels", "width", "group_width", "state_size", "conv_kernel", "timescale"):  # ints >= 1
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"ScanBankConfig.{name} must be a positive int, got {v!r}")
+        for name in ("channels", "width", "group_width", "state_size", "conv_kernel", "timescale", "raw_steps"):
+            v, least = getattr(self, name), 0 if name == "raw_steps" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ValueError(f"ScanBankConfig.{name} must be an int >= {least}, got {v!r}")
         if self.width % self.group_width:
             raise ValueError(f"ScanBankConfig.width={self.width} must be a multiple of group_width="
                              f"{self.group_width}")
@@ -85,6 +92,7 @@ class ScanBankState:
     total: torch.Tensor  # (B, W) running sum of y
     peak: torch.Tensor  # (B, W) running max of y (-inf before the first observation)
     positive: torch.Tensor  # (B, W) running count of y > threshold
+    raw: torch.Tensor  # (B, raw_steps, C) the first raw_steps normalised values (0 where missing or not read yet)
 
     @property
     def batch_size(self) -> int:
@@ -126,8 +134,23 @@ class ScanBank(nn.Module):
         self.groups = groups
 
     @property
+    def raw_width(self) -> int:
+        """Features in the raw block: raw_steps values and raw_steps - 1 differences per input channel."""
+        return max(0, 2 * self.config.raw_steps - 1) * self.config.channels
+
+    @property
     def num_features(self) -> int:
-        return len(POOLS) * self.config.width
+        return len(POOLS) * self.config.width + self.raw_width
+
+    def _raw_block(self, raw: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """raw (..., R, C) values kept, count (...,) observations read -> the raw block (..., raw_width): the values,
+        then x_i - x_{i-1} for 1 <= i < min(count, R) (0 where i is not read yet)."""
+        if not self.config.raw_steps:
+            return raw.new_zeros((*raw.shape[:-2], 0))
+        idx = torch.arange(1, self.config.raw_steps)
+        read = (idx < count[..., None]).float()[..., None]  # (..., R - 1, 1)
+        diff = (raw[..., 1:, :] - raw[..., :-1, :]) * read
+        return torch.cat([raw.flatten(-2), diff.flatten(-2)], dim=-1)
 
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.buffers())
@@ -177,7 +200,8 @@ class ScanBank(nn.Module):
             conv=torch.zeros(batch_size, w, k - 1), ssm=torch.zeros(batch_size * self.groups, self.config.group_width,
                                                                      self.config.state_size),
             count=torch.zeros(batch_size, dtype=torch.long), total=torch.zeros(batch_size, w),
-            peak=torch.full((batch_size, w), -math.inf), positive=torch.zeros(batch_size, w))
+            peak=torch.full((batch_size, w), -math.inf), positive=torch.zeros(batch_size, w),
+            raw=torch.zeros(batch_size, self.config.raw_steps, self.config.channels))
 
     def check_state(self, state, batch_size: int) -> None:
         if not isinstance(state, ScanBankState):
@@ -191,10 +215,14 @@ class ScanBank(nn.Module):
                 raise ValueError(f"state.{f.name} must have shape {(rows, *ref.shape[1:])} for a batch of "
                                  f"{batch_size}, got {tuple(getattr(got, 'shape', ()))}")
 
+    def _normalised(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """values (..., C) with NaN -> (normalised values, 0 where missing; the missing mask)."""
+        missing = torch.isnan(values)
+        return torch.where(missing, torch.zeros_like(values), (values - self.value_mean) / self.value_std), missing
+
     def _inputs(self, values: torch.Tensor):
         """values (..., C) with NaN -> (scan input u before the conv (..., W), delta (..., W))."""
-        missing = torch.isnan(values)
-        x = torch.where(missing, torch.zeros_like(values), (values - self.value_mean) / self.value_std)
+        x, missing = self._normalised(values)
         u = x @ self.mix + missing.float() @ self.mix_missing
         delta = nn.functional.softplus(self.dt_bias + x @ self.dt_mix)
         return u, delta
@@ -223,8 +251,8 @@ class ScanBank(nn.Module):
 
     @torch.no_grad()
     def forward(self, values, state: ScanBankState | None = None, return_state: bool = False, read_at=None):
-        """values (B, L, C) -> pooled features (B, 4W) after the last observation, or at positions
-        read_at (B, P) (0-based, each < L) -> (B, P, 4W); with return_state=True also the state after all L
+        """values (B, L, C) -> pooled features (B, F) after the last observation (F = num_features: 4W, then the
+        raw block if any), or at positions read_at (B, P) (0-based, each < L) -> (B, P, F); with return_state=True also the state after all L
         observations (feed equal-length chunks; a padded row's state would include its padding)."""
         values = _as_values(values, self.config.channels, 3, "values", torch.float32, torch.device("cpu"))
         b = values.shape[0]
@@ -246,16 +274,25 @@ class ScanBank(nn.Module):
         idx = at[:, :, None].expand(-1, -1, y.shape[2])
         n = count.gather(1, at)[:, :, None].float()
         pools = [peak.gather(1, idx), total.gather(1, idx) / n, positive.gather(1, idx) / n]
-        feats = torch.cat([*pools, y.gather(1, idx)], dim=-1)  # the order of POOLS
+        # the raw block: slot i holds observation i of the stream (count before this chunk + position in it)
+        slot = torch.arange(self.config.raw_steps)[None] - state.count[:, None]  # (B, R) position in this chunk
+        inside = (slot >= 0) & (slot < y.shape[1])
+        x = self._normalised(values)[0]  # (B, L, C)
+        fresh = x.gather(1, slot.clamp(0, y.shape[1] - 1)[:, :, None].expand(-1, -1, x.shape[2]))  # (B, R, C)
+        raw = torch.where(inside[:, :, None], fresh, state.raw)  # (B, R, C) after the chunk
+        read = count.gather(1, at)  # (B, P) observations read at each readout
+        kept = (torch.arange(self.config.raw_steps)[None, None] < read[:, :, None]).float()[..., None]  # (B, P, R, 1)
+        raw_at = self._raw_block(raw[:, None] * kept, read)  # (B, P, raw_width)
+        feats = torch.cat([*pools, y.gather(1, idx), raw_at], dim=-1)  # the order of POOLS, then the raw block
         feats = feats[:, 0] if read_at is None else feats
         if not return_state:
             return feats
         return feats, ScanBankState(conv_state, h, count[:, -1].clone(), total[:, -1].clone(), peak[:, -1].clone(),
-                                    positive[:, -1].clone())
+                                    positive[:, -1].clone(), raw)
 
     @torch.no_grad()
     def step(self, values_t, state: ScanBankState) -> tuple[torch.Tensor, ScanBankState]:
-        """One observation per row (B, C) -> (pooled features (B, 4W) after it, the new state); pure."""
+        """One observation per row (B, C) -> (pooled features (B, F) after it, the new state); pure."""
         values_t = _as_values(values_t, self.config.channels, 2, "values_t", torch.float32, torch.device("cpu"))
         b = values_t.shape[0]
         self.check_state(state, b)
@@ -267,11 +304,13 @@ class ScanBank(nn.Module):
         yg, h = selective_scan_step(state.ssm, u.reshape(b * g, dg), delta.reshape(b * g, dg), self.A, bt, ct)
         y = yg.reshape(b, -1) + self.D * u
         count = state.count + 1
+        slot = (torch.arange(self.config.raw_steps)[None] == state.count[:, None])[:, :, None]  # (B, R, 1)
+        raw = torch.where(slot, self._normalised(values_t)[0][:, None], state.raw)
         new = ScanBankState(conv_state, h, count, state.total + y, torch.maximum(state.peak, y),
-                            state.positive + (y > self.threshold).float())
+                            state.positive + (y > self.threshold).float(), raw)
         n = count[:, None].float()
         pools = [new.peak, new.total / n, new.positive / n]
-        return torch.cat([*pools, y], dim=-1), new
+        return torch.cat([*pools, y, self._raw_block(raw, count)], dim=-1), new
 
 
 class ScanBankClassifier(nn.Module):
@@ -317,9 +356,9 @@ class ScanBankClassifier(nn.Module):
         """Trained numbers: the final head's, plus the anytime head's when it is a separate head."""
         return sum(p.numel() for p in self.parameters())  # the bank holds buffers only
 
-    def fit_head(self, feats: np.ndarray, labels: np.ndarray, alphas=RIDGE_PENALTIES, choices=POOL_CHOICES,
+    def fit_head(self, feats: np.ndarray, labels: np.ndarray, alphas=RIDGE_PENALTIES, choices=None,
                  cut_choices=CUT_CHOICES, folds: int = 5, repeats: int = 3, seed: int = 0, members: int = 1) -> dict:
-        """Ridge regression of +-1 one-hot labels on standardised features. feats (N, P, 4W) holds each train
+        """Ridge regression of +-1 one-hot labels on standardised features. feats (N, P, F) holds each train
         series read at P cuts (index 0: its full length), labels (N,) its class index. Which rows the final head
         fits (`cut_choices`: None = every cut, k = the first k cuts, 1 = the full-length rows alone), which blocks
         (one of `choices`, see POOLS) and which penalty are chosen by k-fold cross-validation over series, repeated
@@ -333,21 +372,37 @@ class ScanBankClassifier(nn.Module):
         members > 1: the bank's W channels are split into `members` equal parts (independent random draws, so
         each is a bank of its own), each part gets its own ridge fit with the shared choice, and the head is the
         average of their scores (itself one linear head on all the features); the CV scores that average. It
-        evens out the luck of one bank's draw. Returns {"alpha": penalty, "pools": the chosen blocks, "cuts": how
+        evens out the luck of one bank's draw.
+
+        When the bank keeps a raw block (ScanBankConfig.raw_steps > 0), `choices` (default: POOL_CHOICES, then each
+        of them with "raw" added) may name it; it is shared by every member and scaled after standardisation so
+        that its total variance equals one pool block's (a few dozen columns beside thousands would otherwise
+        barely count against the same penalty). Returns {"alpha": penalty, "pools": the chosen blocks, "cuts": how
         many of each series' rows were fitted, "cv_accuracy": % of train series, "members", "anytime": None when
         shared, else {"alpha", "pools", "cuts"} of the anytime head}."""
         n, cuts, width = feats.shape
-        k, w = self.head.out_features, self.bank.config.width
+        k, w, raw = self.head.out_features, self.bank.config.width, self.bank.raw_width
         if isinstance(members, bool) or not isinstance(members, int) or members < 1 or w % members:
             raise ValueError(f"members must be a positive int dividing the bank width {w}, got {members!r}")
+        if width != self.bank.num_features:
+            raise ValueError(f"feats hold {width} features per row, the bank gives {self.bank.num_features}")
+        if choices is None:
+            choices = POOL_CHOICES + (tuple(c + (RAW,) for c in POOL_CHOICES) if raw else ())
+        if any(b not in POOLS and not (b == RAW and raw) for c in choices for b in c):
+            raise ValueError(f"choices name blocks this bank lacks: {choices} (blocks: {POOLS}"
+                             f"{' + raw' if raw else ''})")
         flat = feats.reshape(n * cuts, width).astype(np.float64)
         mean, std = flat.mean(0), flat.std(0) + 1e-6
+        part = w // members  # channels per member; member m's block b: its channels within block b's W features
+        if raw:  # the raw block weighs as much as one member's pool block (see the docstring)
+            std[len(POOLS) * w:] *= math.sqrt(raw / part)
         x = ((feats - mean) / std).astype(np.float32)  # (N, P, F); Gram matrices in float32, solves in float64
         target = -np.ones((n, k))
         target[np.arange(n), labels] = 1.0
-        part = w // members  # channels per member; member m's block b: its channels within block b's W features
         block = {(m, name): slice(i * w + m * part, i * w + (m + 1) * part)
                  for i, name in enumerate(POOLS) for m in range(members)}
+        block.update({(m, RAW): slice(len(POOLS) * w, width) for m in range(members)})  # shared by the members
+        used_blocks = tuple(dict.fromkeys(b for c in choices for b in c))
         alphas = np.asarray(alphas, dtype=np.float64)
         # rows fitted per series, each option once (an option beyond the cuts read means all of them)
         cut_choices = tuple(dict.fromkeys(cuts if u is None else min(int(u), cuts) for u in cut_choices))
@@ -363,9 +418,10 @@ class ScanBankClassifier(nn.Module):
                 y_rows = np.repeat(target[train], used, axis=0)
                 scores = np.zeros((len(choices), len(alphas), len(held), k))  # summed over members
                 for m in range(members):
-                    grams = {b: (rows[:, block[m, b]] @ rows[:, block[m, b]].T).astype(np.float64) for b in POOLS}
+                    grams = {b: (rows[:, block[m, b]] @ rows[:, block[m, b]].T).astype(np.float64)
+                             for b in used_blocks}
                     cross = {b: (held_rows[:, block[m, b]] @ rows[:, block[m, b]].T).astype(np.float64)
-                             for b in POOLS}
+                             for b in used_blocks}
                     for c, choice in enumerate(choices):
                         dual_for = _ridge_dual(sum(grams[b] for b in choice), y_rows)
                         cross_c = sum(cross[b] for b in choice)
@@ -387,7 +443,7 @@ class ScanBankClassifier(nn.Module):
                 rows = rows - rows_mean  # coef below: (K, F chosen)
                 coef = (rows.T.astype(np.float64) @ _ridge_dual((rows @ rows.T).astype(np.float64), y_rows)(alpha)).T
                 scaled = coef / std[cols]  # ((x - m) / s) @ coef.T == x @ (coef / s).T - (coef / s) @ m
-                weight[:, cols] = scaled / members
+                weight[:, cols] += scaled / members  # += : the raw block is every member's
                 bias += (y_rows.mean(0) - coef @ rows_mean - scaled @ mean[cols]) / members
             with torch.no_grad():
                 head.weight.copy_(torch.from_numpy(weight).float())

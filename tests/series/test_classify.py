@@ -43,6 +43,15 @@ def test_classify_arrays_of_unequal_lengths_with_anytime_answers(tmp_path):
     assert "2 x 512 untrained selective-scan channels" in report["table"]
     with pytest.raises(ValueError, match="bank_members"):
         classify(arrays=(xtr, ytr, xte, yte), settings=dataclasses.replace(settings, bank_members=0), write=False)
+    # the raw block (first values + differences) is offered only where length x channels fits the limit
+    assert row["ours"]["runs"][0]["raw_steps"] == 0  # off by default
+    raw = classify(arrays=(xtr, ytr, xte, yte), settings=dataclasses.replace(settings, bank_raw_limit=64),
+                   progress=False, write=False)["rows"][0]["ours"]
+    longest = max(len(s) for s in xtr)  # the longest train series
+    assert raw["runs"][0]["raw_steps"] == longest and raw["accuracy_mean"] >= 90.0
+    assert raw["parameters"] == row["ours"]["parameters"] + 2 * (2 * longest - 1)  # its head columns
+    with pytest.raises(ValueError, match="bank_raw_limit"):
+        classify(arrays=(xtr, ytr, xte, yte), settings=dataclasses.replace(settings, bank_raw_limit=-1), write=False)
 
 
 def test_anytime_readout_is_causal_and_streams():

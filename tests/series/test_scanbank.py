@@ -197,3 +197,49 @@ def test_ensemble_head_is_the_average_of_its_members_fitted_alone():
     torch.testing.assert_close(ensemble.head(probe), (member_scores[0] + member_scores[1]) / 2, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="members"):
         ensemble.fit_head(feats, labels, members=3)
+
+
+def test_raw_block_streams_exactly_and_holds_only_what_was_read():
+    # the first 8 normalised values and their differences ride in the state: step by step, chunks and cuts read
+    # from one pass equal one pass over the prefix; nothing of an unread step leaks into the block
+    bank, _ = small_bank(raw_steps=8)
+    assert bank.raw_width == (8 + 7) * 3 and bank.num_features == 4 * 128 + bank.raw_width
+    x = torch.randn(2, 20, 3)
+    x[0, 4, 1] = float("nan")  # missing: 0 in the block, as the scan reads it
+    whole = bank(x)
+    _, state = bank(x[:, :3], return_state=True)  # a chunk boundary inside the kept steps
+    torch.testing.assert_close(bank(x[:, 3:], state=state), whole, atol=1e-5, rtol=1e-5)
+    state = bank.init_state(2)
+    for t in range(20):
+        feats, state = bank.step(x[:, t], state)
+        if t == 4:
+            torch.testing.assert_close(feats, bank(x[:, :5]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(feats, whole, atol=1e-4, rtol=1e-4)
+    at = bank(x, read_at=torch.tensor([[2, 19], [5, 0]]))
+    torch.testing.assert_close(at[0, 0], bank(x[:1, :3])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(at[1, 0], bank(x[1:, :6])[0], atol=1e-5, rtol=1e-5)
+    raw = bank(x[1:, :3])[0, 4 * 128 :]  # 3 observations read
+    values, diffs = raw[: 8 * 3].reshape(8, 3), raw[8 * 3 :].reshape(7, 3)
+    normalised = (x[1, :3] - bank.value_mean) / bank.value_std
+    torch.testing.assert_close(values[:3], normalised)
+    torch.testing.assert_close(diffs[:2], normalised[1:] - normalised[:-1])
+    assert not values[3:].any() and not diffs[2:].any()
+    with pytest.raises(ValueError, match="raw_steps"):
+        ScanBankConfig(raw_steps=-1).check()
+
+
+def test_cross_validation_adds_the_raw_block_when_it_carries_the_class():
+    # pool features are noise; the class shows in the raw block only: the CV picks a readout with "raw", and a
+    # bank without the block cannot be offered it
+    rng = np.random.default_rng(6)
+    labels = np.array([0, 1] * 20)
+    bank = ScanBank(ScanBankConfig(channels=1, width=32, group_width=16, timescale=8, raw_steps=6), seed=0)
+    feats = rng.normal(0, 1, (40, 2, bank.num_features))
+    feats[:, :, 4 * 32 + 2] += 3 * (2.0 * labels - 1)[:, None]  # the third value kept
+    info = ScanBankClassifier(bank, 2).fit_head(feats, labels)
+    assert "raw" in info["pools"] and info["cv_accuracy"] >= 85
+    without = ScanBankClassifier(bank, 2).fit_head(feats, labels, choices=(("max", "mean", "ppv"), ("last",)))
+    assert without["cv_accuracy"] < info["cv_accuracy"] - 20
+    plain = ScanBank(ScanBankConfig(channels=1, width=32, group_width=16, timescale=8), seed=0)
+    with pytest.raises(ValueError, match="lacks"):
+        ScanBankClassifier(plain, 2).fit_head(feats[:, :, : plain.num_features], labels, choices=(("ppv", "raw"),))
