@@ -673,7 +673,6 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         the exception layers' wrappers around it: one message per stream step, and their checks and coroutine
         layers were a measurable share of the event loop's time per push."""
         receive, send = websocket.scope.get(RAW_CHANNEL) or (websocket.receive, websocket.send)
-        loop = asyncio.get_running_loop()
         while True:
             message = await receive()
             if message["type"] != "websocket.receive":
@@ -696,10 +695,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                     body = ws_push(data)
                     job = Job("push", owner, session_id=session_id, tokens=inputs(body, allow_empty=False),
                               return_logits=body.return_logits, expected_position=body.expected_position)
-                waiter = loop.create_future()
-                job.waiter = (loop, waiter)
-                engine.submit(job)
-                text = push_answer_text(await waiter)
+                text = push_answer_text(await run(job))
             except ServeError as exc:
                 if exc.status in (404, 410):
                     raise

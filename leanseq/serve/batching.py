@@ -392,20 +392,10 @@ class Engine:
         step_jobs: list[Job] = []
         pushes: list[Job] = []  # single-token pushes, stepped together and answered at once
         done: list[Job] = []
-        meta, pool = self.meta, self.pool
         meter = self.meter.measure() if self.meter is not None else None
         window = meter.__enter__() if meter is not None else None
         try:
             for job in taken:
-                sid = job.session_id
-                # the usual job under load: one token for a live session of this key, no position to check;
-                # everything _start would do for it is this (the rest take _start's general path)
-                if job.kind == "push" and job.expected_position is None and len(job.tokens) == 1:
-                    owned = meta.get(sid)
-                    if owned is not None and owned["owner"] == job.owner and sid in pool:
-                        steps[sid] = job.tokens[0]
-                        pushes.append(job)
-                        continue
                 try:
                     token = self._start(job, done)
                 except ServeError as exc:
@@ -419,8 +409,6 @@ class Engine:
                         pushes.append(job)
                     else:
                         step_jobs.append(job)
-            if pushes:
-                self.last_used.update(dict.fromkeys([job.session_id for job in pushes], time.monotonic()))
             step_logits, positions = self._step(steps) if steps else ({}, [])
         finally:
             if meter is not None:
@@ -546,19 +534,12 @@ class Engine:
     def _answer_pushes(self, jobs: list[Job], step_logits: dict, positions: dict) -> None:
         """Answer a round's single-token pushes, read off the batch at once (one argmax; the positions the step
         read for the log) rather than row by row: at a few hundred streams per round the per-row calls added up."""
-        sids = [job.session_id for job in jobs]
-        outputs = torch.stack([step_logits[sid] for sid in sids])  # (n, V) or (n, out_features)
+        outputs = torch.stack([step_logits[job.session_id] for job in jobs])  # (n, V) or (n, out_features)
         best = None if self.series else outputs.argmax(dim=-1).tolist()
         for i, job in enumerate(jobs):
             sid = job.session_id
-            answer = {"id": sid, "object": "session.push", "position": positions[sid]}
-            if self.series:
-                answer.update(self._series_outputs(outputs[i : i + 1], job.return_logits))
-            else:
-                answer["next_tokens"] = [best[i]]
-                if job.return_logits:
-                    answer["logits"] = [outputs[i].float().tolist()]
-            job.finish(answer)
+            job.finish(self._push_result(sid, positions[sid], outputs[i : i + 1], job.return_logits,
+                                         next_tokens=None if best is None else [best[i]]))
         self.stats["tokens_pushed"] += len(jobs)
 
     def _after_step(self, job: Job, logits, done: list) -> None:
@@ -753,13 +734,8 @@ class Engine:
         self.stats["batch_rows"] += len(steps)
         positions = self.pool.positions(steps)
         if not self._replaying:
-            fed = self._fed
             for (sid, token), position in zip(steps.items(), positions):
-                entry = LogEntry(position, [token], True)
-                if sid in fed:
-                    fed[sid].append(entry)
-                else:
-                    fed[sid] = [entry]
+                self._fed.setdefault(sid, []).append(LogEntry(position, [token], True))
         return out, positions
 
     def _feed(self, sid: str, tokens: list[int], keep_logits: bool):
@@ -778,12 +754,14 @@ class Engine:
         self.stats["predictions"] += len(tokens)
         return self._push_result(sid, self.pool.position(sid), logits, job.return_logits)
 
-    def _push_result(self, sid: str, position: int, logits, return_logits: bool) -> dict:
+    def _push_result(self, sid: str, position: int, logits, return_logits: bool, next_tokens=None) -> dict:
+        """A push's answer from its (n, V) logits (or a series model's outputs); next_tokens: their argmax, when
+        the caller already took it for a whole round."""
         out = {"id": sid, "object": "session.push", "position": position}
         if self.series:
             out.update(self._series_outputs(logits, return_logits))
             return out
-        out["next_tokens"] = [int(i) for i in logits.argmax(dim=-1).tolist()]
+        out["next_tokens"] = next_tokens if next_tokens is not None else [int(i) for i in logits.argmax(dim=-1).tolist()]
         if return_logits:
             out["logits"] = logits.float().tolist()
         return out
@@ -822,24 +800,19 @@ class Engine:
         """Write this round's changes in one transaction: log entries, and checkpoints where due."""
         due = set(self._checkpoint_due)
         entries = []
-        meta, pool, unsaved, phase, every = self.meta, self.pool, self.unsaved, self._phase, self.checkpoint_every
         for sid, fed in self._fed.items():
-            owned = meta.get(sid)
-            if (owned is not None and owned.get("ephemeral")) or sid not in pool:
+            if self.meta.get(sid, {}).get("ephemeral") or sid not in self.pool:
                 continue
-            if unsaved.get(sid, 0) + len(fed) + phase.get(sid, 0) >= every:
+            if self.unsaved.get(sid, 0) + len(fed) + self._phase.get(sid, 0) >= self.checkpoint_every:
                 due.add(sid)
-                phase.pop(sid, None)  # from now on, every checkpoint_every entries
+                self._phase.pop(sid, None)  # from now on, every checkpoint_every entries
             elif sid not in due:
-                if len(fed) == 1:
-                    entries.append((sid, fed[0]))
-                else:
-                    entries.extend((sid, entry) for entry in fed)
+                entries.extend((sid, entry) for entry in fed)
         checkpoints = [(sid, self.meta[sid]["owner"], self._blob(sid), self.pool.position(sid))
                        for sid in due if sid in self.pool and not self.meta[sid].get("ephemeral")]
         self.store.commit(checkpoints, entries)
         for sid, _ in entries:
-            unsaved[sid] = unsaved.get(sid, 0) + 1
+            self.unsaved[sid] = self.unsaved.get(sid, 0) + 1
         for sid, *_ in checkpoints:
             self.unsaved[sid] = 0
         self.stats["checkpoints"] += len(checkpoints)

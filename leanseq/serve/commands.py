@@ -90,23 +90,22 @@ def build(args):
     if args.no_auth and args.host not in ("127.0.0.1", "localhost", "::1"):
         raise ValueError(f"--no-auth serves anyone who can connect; refused on {args.host} (use loopback or keys)")
     folder = hub.resolve(args.model)
-    tokenizer, names = None, None
     if (Path(folder) / "series_config.json").is_file():  # a leanseq.series.SeriesModel: observations in
         from leanseq.series.encoder import SeriesModel, class_names
 
         model, metadata = SeriesModel.load(folder, with_metadata=True)  # the load checks any class names
-        names = class_names(model, metadata, folder)
+        tokenizer, names = None, class_names(model, metadata, folder)
     else:
-        model = leanseq.load(folder)
+        model, names = leanseq.load(folder), None
         try:
             from leanseq.text.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(folder)
         except FileNotFoundError:
-            pass  # a token-id model: sessions work, the text endpoints answer 400
+            tokenizer = None  # a token-id model: sessions work, the text endpoints answer 400
     store = SQLiteStore(args.db, synchronous=args.sync)
-    engine = Engine(model, store, tokenizer=tokenizer, class_names=names, max_sessions_per_key=args.max_sessions_per_key,
-                    idle_seconds=args.idle_seconds, max_live=args.max_live,
+    engine = Engine(model, store, tokenizer=tokenizer, class_names=names,
+                    max_sessions_per_key=args.max_sessions_per_key, idle_seconds=args.idle_seconds, max_live=args.max_live,
                     meter=Meter(reset_peak_rss=False, track_rss=False))  # no /proc reads per round
     config = ServeConfig(model_name=args.name or Path(folder).name, api_keys=keys, no_auth=args.no_auth,
                          max_tokens_per_request=args.max_tokens_per_request, max_body_bytes=args.max_body_bytes,

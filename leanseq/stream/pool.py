@@ -62,6 +62,13 @@ class SessionPool:
             raise KeyError(f"no open session {session_id!r} in this pool (open: {self._ids})")
         return self._row[session_id]
 
+    def _rows(self, session_ids) -> list[int]:
+        """The rows of several sessions: one dict lookup each, and _check_id's error for an unknown one."""
+        try:
+            return [self._row[sid] for sid in session_ids]
+        except KeyError:
+            return [self._check_id(sid) for sid in session_ids]  # raises, naming the unknown session
+
     @torch.no_grad()
     def open(self, session_id: Hashable | None = None, session: Session | None = None) -> Hashable:
         """Add a stream: a fresh one, or a copy of `session`'s state (e.g. one restored from bytes). Returns its id."""
@@ -132,10 +139,7 @@ class SessionPool:
 
     def positions(self, session_ids) -> list[int]:
         """position() of several sessions, read off the batched state at once."""
-        try:
-            rows = [self._row[sid] for sid in session_ids]
-        except KeyError:
-            rows = [self._check_id(sid) for sid in session_ids]  # raises, naming the unknown session
+        rows = self._rows(session_ids)
         every = self._state.position.tolist()
         return [every[r] for r in rows]
 
@@ -185,10 +189,7 @@ class SessionPool:
         if not tokens:
             raise ValueError("step needs at least one {session_id: token}")
         ids = list(tokens)
-        try:
-            rows = [self._row[sid] for sid in ids]
-        except KeyError:
-            rows = [self._check_id(sid) for sid in ids]  # raises, naming the unknown session
+        rows = self._rows(ids)
         token_ids = self._one_each(ids, tokens)  # (n,) token ids, or (n, channels) observations
         if len(rows) == len(self._ids):
             # every session (ids are unique, so every row once): step the batched state as it is, no copies
@@ -208,18 +209,12 @@ class SessionPool:
         model's observations), (n, ...). Plain ints (a server's usual step) become one tensor checked once; any
         other form goes through coerce_tokens row by row, whose errors name the session."""
         values = [tokens[sid] for sid in ids]
-        coerce = getattr(self.model, "coerce_stream_input", None)
         try:
-            if coerce is None and all(type(v) is int for v in values):
-                token_ids = torch.tensor(values, dtype=torch.long, device=self.model.device)
-                self.model.check_input_ids(token_ids, rank=1, what="token ids")
-                return token_ids
-            if coerce is not None and all(type(v) is list for v in values):  # e.g. one observation per session
-                batch, _kind = coerce(torch.tensor(values, dtype=torch.float64), len(values))  # (n, 1, ...)
-                if batch.shape[1] == 1:
-                    return batch[:, 0]
+            whole = self._all_at_once(values)
         except (TypeError, ValueError):
-            pass  # coerce each below: the error then names the session
+            whole = None  # refused as a whole: coerce each below, whose error then names the session
+        if whole is not None:
+            return whole
         token_list = []
         for sid, value in zip(ids, values):
             try:
@@ -232,6 +227,20 @@ class SessionPool:
                 )
             token_list.append(ids_2d[0])
         return torch.cat(token_list)
+
+    def _all_at_once(self, values: list) -> torch.Tensor | None:
+        """The usual forms as one tensor, checked once: plain int token ids -> (n,); for a model that reads other
+        inputs (a series model), one observation list per session -> (n, ...). None for any other form."""
+        coerce = getattr(self.model, "coerce_stream_input", None)
+        if coerce is None and all(type(v) is int for v in values):
+            token_ids = torch.tensor(values, dtype=torch.long, device=self.model.device)
+            self.model.check_input_ids(token_ids, rank=1, what="token ids")
+            return token_ids
+        if coerce is not None and all(type(v) is list for v in values):  # e.g. one observation per session
+            batch, _kind = coerce(torch.tensor(values, dtype=torch.float64), len(values))  # (n, 1, ...)
+            if batch.shape[1] == 1:
+                return batch[:, 0]
+        return None
 
     @torch.no_grad()
     def push(self, session_id, token_ids, keep_logits: bool = True) -> torch.Tensor:
