@@ -85,6 +85,8 @@ def _applies(x: torch.Tensor, module: nn.Module) -> bool:
     w = module.weight
     if w.dtype != torch.float32 or x.dtype != torch.float32 or w.device.type != "cpu" or x.device.type != "cpu":
         return False
+    if w.is_inference():  # no version counter to notice in-place edits by: the packed copy could go stale
+        return False
     if module.bias is not None and module.bias.dtype != torch.float32:
         return False
     rows = x.numel() // max(x.shape[-1], 1)

@@ -148,11 +148,10 @@ def try_ssd(x, dt, A, B, C, D, initial_state, chunk_size: int):
     q = min(chunk_size, l)
     nc = (l + q - 1) // q
     x, x_stride = _rows(x, h * p)
-    if B.stride() == C.stride() and B.stride(3) == 1 and B.stride(2) == n and B.stride(0) == l * B.stride(1):
-        bc_stride = B.stride(1)
-    else:
-        B, C = B.contiguous(), C.contiguous()
-        bc_stride = g * n
+    B, bc_stride = _rows(B, g * n)
+    C, c_stride = _rows(C, g * n)
+    if c_stride != bc_stride:  # the kernel reads both with one token stride
+        B, C, bc_stride = B.contiguous(), C.contiguous(), g * n
     dt, A = dt.contiguous(), A.contiguous()
     D = None if D is None else D.contiguous()
     # C_l . B_s of every chunk and group, shared by the group's heads: (b, c, g, q, q); the last chunk padded
@@ -183,8 +182,8 @@ def try_conv_silu(x, weight, bias, conv_state):
     k = weight.shape[-1]
     if length == 0 or k < 2 or not _applies(x, weight, bias, conv_state):
         return None
-    if x.stride(2) != 1 or (batch > 1 and x.stride(0) != length * x.stride(1)):
-        x = x.contiguous()
+    if x.stride(2) != 1 or x.stride(1) < channels or (batch > 1 and x.stride(0) != length * x.stride(1)):
+        x = x.contiguous()  # the kernel reads whole token rows of unit stride, one batch row after another
     wt = weight.detach().t().contiguous()  # (K, C): each tap's weights contiguous across channels
     bias = None if bias is None else bias.detach().contiguous()
     state = None if conv_state is None else conv_state.contiguous()
@@ -212,14 +211,9 @@ def try_gated_rmsnorm(x, gate, weight, group_size: int, eps: float):
     if rows == 0 or weight.shape != (dim,):
         return None
     x = x.contiguous()
-    z2 = gate.reshape(rows, dim) if gate.is_contiguous() else None
-    if z2 is None:
-        try:
-            z2 = gate.view(rows, dim)  # a row view of a wider tensor (the input projection) when strides allow
-        except RuntimeError:
-            z2 = gate.reshape(rows, dim)
-        if z2.stride(1) != 1:
-            z2 = z2.contiguous()
+    z2 = gate.reshape(rows, dim)  # a view where strides allow (a row view of the input projection), else a copy
+    if z2.stride(1) != 1 or z2.stride(0) < dim:  # the kernel reads whole rows of unit stride
+        z2 = z2.contiguous()
     out = torch.empty(x.shape)
     w = weight.detach().contiguous()
     args = (x.data_ptr(), z2.data_ptr(), z2.stride(0), w.data_ptr(), out.data_ptr(), rows, dim, group_size, eps)

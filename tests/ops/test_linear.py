@@ -62,3 +62,13 @@ def test_other_cases_are_exactly_the_module():
     y = fast.linear(long_x, lin)  # autograd on: the module itself, so training gets gradients
     assert y.grad_fn is not None and torch.equal(y, lin(long_x))
     assert lin not in fast._packed
+
+
+def test_weights_made_in_inference_mode_take_the_module():
+    """An inference tensor has no version counter to see in-place edits by: no packed copy, the module's answer."""
+    torch.manual_seed(3)
+    with torch.inference_mode():
+        lin = nn.Linear(32, 16)
+        x = torch.randn(fast.MIN_ROWS, 32)
+        assert torch.equal(fast.linear(x, lin), lin(x))
+    assert lin not in fast._packed

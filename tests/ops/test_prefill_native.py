@@ -113,3 +113,27 @@ def test_gated_rmsnorm_kernel_matches_pytorch(scan_backend, b, l, d, groups):
     out_grad = norm(y, z)  # with autograd on, the PyTorch path: the weight gets a gradient
     out_grad.sum().backward()
     assert norm.weight.grad is not None
+
+
+def test_broadcast_inputs_are_read_as_pytorch_reads_them(scan_backend):
+    """Inputs broadcast over tokens or rows (stride 0) work as on the PyTorch path, never a kernel refusal:
+    B and C of the scan, the conv's input, the norm's gate."""
+    gen = torch.Generator().manual_seed(3)
+    b, l, h, p, g, n = 2, 24, 2, 16, 1, 8
+    x, dt, A, _, _, D, _ = _ssd_inputs(b, l, h, p, g, n, seed=3)
+    B = torch.randn(g, n, generator=gen).expand(b, l, g, n)
+    C = torch.randn(g, n, generator=gen).expand(b, l, g, n)
+    conv_x = torch.randn(1, 1, 32, generator=gen).expand(b, l, 32)
+    w, bias = torch.randn(32, 4, generator=gen), torch.randn(32, generator=gen)
+    norm = GatedRMSNorm(64, n_groups=2, eps=1e-5)
+    y, gate = torch.randn(4, 64, generator=gen), torch.randn(64, generator=gen).expand(4, 64)
+    with torch.no_grad():
+        got, got_state = ssd_chunked(x, dt, A, B, C, D=D, chunk_size=8)
+        want, want_state = _torch_only(ssd_chunked, x, dt, A, B, C, D=D, chunk_size=8)
+        _close(got, want)
+        _close(got_state, want_state)
+        got, got_state = causal_conv1d(conv_x, w, bias)
+        want, want_state = _torch_only(causal_conv1d, conv_x, w, bias)
+        _close(got, want)
+        assert torch.equal(got_state, want_state)
+        _close(norm(y, gate), _torch_only(norm, y, gate))
