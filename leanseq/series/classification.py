@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from leanseq.series.encoder import SeriesModel, gather_last
+from leanseq.series.encoder import SeriesModel, gather_last, pad
 
 DEFAULT_DATASETS = ("GunPoint", "ArrowHead", "ItalyPowerDemand", "OSULeaf", "BasicMotions", "JapaneseVowels")
 ANYTIME_FRACTIONS = (0.25, 0.5, 0.75)
@@ -275,15 +275,6 @@ def _check_dataset(ds: Dataset) -> None:
     unseen = sorted(set(ds.y_test) - set(ds.y_train))
     if unseen:
         raise ValueError(f"{ds.name}: test labels {unseen[:5]} never occur in the train split")
-
-
-def pad(series: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """List of (length_i, C) -> (values (N, L_max, C) float32 padded at the end with NaN, lengths (N,))."""
-    lengths = torch.tensor([len(s) for s in series])
-    out = np.full((len(series), int(lengths.max()), series[0].shape[1]), np.nan, dtype=np.float32)
-    for i, s in enumerate(series):
-        out[i, : len(s)] = s
-    return torch.from_numpy(out), lengths
 
 
 def equalise(series: list[np.ndarray], length: int) -> np.ndarray:
@@ -750,7 +741,6 @@ def _describe_ours(s: dict) -> str:
 def _rows_fitted(run: dict, settings: dict) -> str:
     """' (rows at 100/75%)' when CV fitted the final head on fewer than every cut read, else ''."""
     fitted, cuts = run.get("head_cuts"), settings.get("readout_cuts", ())
-    fitted = {True: None, False: 1}.get(fitted, fitted) if isinstance(fitted, bool) else fitted  # older reports
     if fitted is None or fitted >= 1 + len(cuts):
         return ""
     anytime = " + anytime head on every cut" if run.get("anytime_head") else ""

@@ -34,6 +34,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -420,6 +421,17 @@ def class_names(model, metadata: dict, where: str) -> list[str] | None:
         raise ValueError(f"{where}: {len(names)} class names for a head of {model.out_features} classes; give one "
                          "name per class, in the head's order")
     return list(names)
+
+
+def pad(series: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of (length_i, C) arrays (or 1-D, one channel) -> (values (N, L_max, C) float32 padded at the end with
+    NaN, lengths (N,)). A causal reader never reads the padding into an answer (see gather_last)."""
+    rows = [np.asarray(s, dtype=np.float32).reshape(len(s), -1) for s in series]
+    lengths = torch.tensor([len(r) for r in rows])
+    out = np.full((len(rows), int(lengths.max()), rows[0].shape[1]), np.nan, dtype=np.float32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return torch.from_numpy(out), lengths
 
 
 def gather_last(outputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

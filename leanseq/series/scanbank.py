@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from leanseq.ops import causal_conv1d, causal_conv1d_step, selective_scan_chunked, selective_scan_step
-from leanseq.series.encoder import _as_values
+from leanseq.series.encoder import _as_values, pad
 
 RIDGE_PENALTIES = tuple(np.logspace(-3, 6, 19))  # on standardised features; chosen per dataset by CV on train
 # Feature blocks, W each, in this order: running max, running mean, running PPV, and the current response y_t
@@ -180,10 +180,8 @@ class ScanBank(nn.Module):
         batch = max(1, 8_000_000 // (longest * w))
         for start in range(0, len(chosen), batch):
             part = chosen[start : start + batch]
-            values = np.full((len(part), longest, self.config.channels), np.nan, dtype=np.float32)
-            for j, s in enumerate(part):  # padded at the end; the padding is never read below
-                values[j, : len(s)] = np.asarray(s, dtype=np.float32).reshape(len(s), -1)
-            y = self.responses(torch.from_numpy(values))  # (b, L, W)
+            values, _ = pad(part)  # padded at the end; the padding is never read below
+            y = self.responses(values)  # (b, L, W)
             for j, s in enumerate(part):
                 chans = torch.nonzero(owner == picks[start + j]).flatten()
                 if len(chans) == 0:

@@ -213,9 +213,12 @@ class Engine:
         """start=False: queue jobs first, then start(); the first round then takes them all at once.
         stagger_checkpoints=False: every session checkpoints after exactly checkpoint_every log entries.
         class_names: a series classifier's class names (one per output), answered beside the class indices."""
-        if class_names is not None and (not is_series(model) or model.task != "classify"
-                                        or len(class_names) != model.out_features):
-            raise ValueError("class_names are for a series classifier, one name per output")
+        if class_names is not None:  # the checks SeriesModel.save and load apply to saved names
+            from leanseq.series.encoder import class_names as checked_names
+
+            if not is_series(model):
+                raise ValueError("class_names are for a series classifier; this model reads token ids")
+            class_names = checked_names(model, {"class_names": class_names}, "class_names")
         self.class_names = class_names
         self.model = model.eval()
         for p in self.model.parameters():
