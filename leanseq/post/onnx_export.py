@@ -46,7 +46,6 @@ OUTPUTS = ("logits", "new_position", "new_conv", "new_ssm")
 DEFAULT_PREFILL_CHUNK = 64
 CHECK_STEPS = 16
 OPSET = 17  # the torchscript exporter's opset: onnxruntime >= 1.14 runs it
-FOLDED_PREFIX = "onnx::"  # how the tracing exporter names initializers that constant folding made
 # onnxruntime and eager PyTorch sum in different orders: float32 logits agree to ~1e-5 of their scale
 CHECK_RTOL = 1e-4
 
@@ -103,44 +102,6 @@ def _export_graph(graph: nn.Module, args: tuple, names: tuple[str, ...], batch_d
         warnings.simplefilter("ignore")  # tracer notes on shape reads, deprecation notes on the exporter
         torch.onnx.export(graph.eval(), args, str(path), dynamo=False, input_names=list(names),
                           output_names=list(OUTPUTS), dynamic_axes=axes, opset_version=OPSET)
-    _store_transposes_once(path)
-
-
-def _store_transposes_once(path: Path) -> int:
-    """Replace every 2-D initializer that is exactly the transpose of another by a Transpose node on that one.
-
-    A tied LM head is the embedding transposed: constant folding writes it as a second initializer, which made a
-    130m file ~150 MB larger than its weights. onnxruntime folds the Transpose back once when it loads the graph
-    (graph optimizations on, as leanseq.edge sets them), so a step costs the same. Returns how many were replaced."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(str(path))
-    graph = model.graph
-    by_shape: dict[tuple, list] = {}
-    for init in graph.initializer:
-        if len(init.dims) == 2:
-            by_shape.setdefault(tuple(init.dims), []).append(init)
-    replaced = []
-    for shape, inits in by_shape.items():
-        folded = [init for init in inits if init.name.startswith(FOLDED_PREFIX)]  # made by constant folding
-        for twin in by_shape.get(shape[::-1], []):
-            if twin.name.startswith(FOLDED_PREFIX):  # keep the parameter itself, under its own name
-                continue
-            source = numpy_helper.to_array(twin)
-            for init in folded:
-                if init.name not in replaced and np.array_equal(numpy_helper.to_array(init), source.T):
-                    graph.node.insert(0, helper.make_node("Transpose", [twin.name], [init.name], perm=[1, 0],
-                                                          name=f"transpose_of_{twin.name}"))
-                    replaced.append(init.name)
-    if not replaced:
-        return 0
-    kept = [init for init in graph.initializer if init.name not in replaced]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return len(replaced)
 
 
 def _check_against_eager(model, folder: Path, prefill_chunk: int, steps: int = CHECK_STEPS) -> dict:

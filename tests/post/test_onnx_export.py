@@ -64,27 +64,6 @@ def test_golden_1000_tokens_through_onnxruntime_match_eager_pytorch(exported, fa
     np.testing.assert_allclose(edge_state["ssm"], state.ssm.numpy(), rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("graph", ["step.onnx", "prefill.onnx"])
-def test_tied_embedding_is_stored_once_in_each_graph(exported, graph):
-    """The bundled tiny Mamba ties its LM head to the embedding: the graph holds that matrix once (the head reads
-    it through a Transpose node), not a second, transposed copy, and no initializer is another's transpose."""
-    import onnx
-    from onnx import numpy_helper
-
-    model, folder = exported["mamba"]
-    assert model.config.tie_word_embeddings
-    proto = onnx.load(str(folder / graph))
-    weights = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    embedding = model.backbone.embeddings.weight.detach().numpy()
-    holding = [name for name, w in weights.items() if w.shape in (embedding.shape, embedding.T.shape)
-               and (np.array_equal(w, embedding) or np.array_equal(w, embedding.T))]
-    assert holding == ["model.backbone.embeddings.weight"]
-    transposes = [n for n in proto.graph.node if n.op_type == "Transpose" and n.input[0] in holding]
-    assert len(transposes) == 1
-    mats = [w for w in weights.values() if w.ndim == 2]
-    assert not any(a.shape == b.T.shape and np.array_equal(a, b.T) for i, a in enumerate(mats) for b in mats[i + 1:])
-
-
 @pytest.mark.parametrize("family", ["mamba", "mamba2"])
 def test_prefill_graph_in_chunks_then_steps_equals_one_forward(exported, family):
     from leanseq.edge import EdgeModel
