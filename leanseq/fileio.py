@@ -7,18 +7,33 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+PRIVATE = 0o600  # only the owner reads it (checkpoints, states, the kernel cache)
+SHARED = 0o666  # what open() gives a new file: 0644 under the usual umask (reports, figures, data, tokenizers)
+
+
+def _scratch_file(folder: Path, prefix: str, suffix: str, mode: int) -> str:
+    """Create a new empty file with a random name in `folder`, with `mode` less the umask (tempfile.mkstemp
+    always makes 0600, which would turn a report or a data file private)."""
+    for _ in range(100):
+        tmp = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode))
+        except FileExistsError:
+            continue
+        return str(tmp)
+    raise FileExistsError(f"no free scratch name for {prefix}*{suffix} in {folder}")
+
 
 @contextlib.contextmanager
-def _replacing(path: Path, prefix: str, suffix: str = "") -> Iterator[str]:
-    """Yield a fresh scratch file (mode 0600) beside `path`; after the block, rename it over `path`. If the block
-    fails, the scratch file is removed and `path` is untouched."""
+def _replacing(path: Path, prefix: str, suffix: str = "", mode: int = PRIVATE) -> Iterator[str]:
+    """Yield a fresh scratch file (mode `mode` less the umask) beside `path`; after the block, rename it over
+    `path`. If the block fails, the scratch file is removed and `path` is untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
-    os.close(fd)
+    tmp = _scratch_file(path.parent, prefix, suffix, mode)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -28,11 +43,13 @@ def _replacing(path: Path, prefix: str, suffix: str = "") -> Iterator[str]:
         raise
 
 
-def write_file_atomic(path: str | os.PathLike, data: bytes | str, prefix: str | None = None) -> Path:
-    """Write data (bytes, or text as UTF-8) to path via a temporary sibling (mode 0600), fsync and os.replace.
-    Creates the folder. `prefix` names the scratch copy (default ".NAME.tmp-"); it is removed if writing fails."""
+def write_file_atomic(path: str | os.PathLike, data: bytes | str, prefix: str | None = None,
+                      mode: int = PRIVATE) -> Path:
+    """Write data (bytes, or text as UTF-8) to path via a temporary sibling, fsync and os.replace. Creates the
+    folder. The file gets `mode` less the umask: PRIVATE (0600) by default, SHARED for what open() would write.
+    `prefix` names the scratch copy (default ".NAME.tmp-"); it is removed if writing fails."""
     path = Path(path)
-    with _replacing(path, prefix or f".{path.name}.tmp-") as tmp, open(tmp, "wb") as fh:
+    with _replacing(path, prefix or f".{path.name}.tmp-", mode=mode) as tmp, open(tmp, "wb") as fh:
         fh.write(data.encode() if isinstance(data, str) else data)
         fh.flush()
         os.fsync(fh.fileno())
@@ -41,8 +58,9 @@ def write_file_atomic(path: str | os.PathLike, data: bytes | str, prefix: str | 
 
 def save_figure_atomic(fig, path: str | os.PathLike, **savefig_kwargs) -> Path:
     """A matplotlib figure -> path via a temporary sibling (same suffix, so savefig infers the same format) and
-    os.replace: a reader never sees half an image. Creates the folder; keyword arguments go to fig.savefig."""
+    os.replace: a reader never sees half an image. Creates the folder; keyword arguments go to fig.savefig.
+    The image gets the mode open() would give it (SHARED less the umask)."""
     path = Path(path)
-    with _replacing(path, f".{path.stem}.tmp-", path.suffix) as tmp:
+    with _replacing(path, f".{path.stem}.tmp-", path.suffix, mode=SHARED) as tmp:
         fig.savefig(tmp, **savefig_kwargs)
     return path

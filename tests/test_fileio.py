@@ -45,3 +45,23 @@ def test_save_figure_atomic_saves_through_a_sibling_with_the_same_suffix(tmp_pat
     (target, kwargs), = fig.calls
     assert target.endswith(".png") and target != str(path) and kwargs == {"dpi": 120}
     assert path.read_bytes() == b"png" and [p.name for p in path.parent.iterdir()] == ["plot.png"]
+
+
+def test_modes_private_by_default_shared_as_open_would_write(tmp_path):
+    """Checkpoints and states stay the owner's (0600); reports, figures and data files get what open() gives a
+    new file, the umask applied (0644 under umask 022), not tempfile's 0600."""
+    import os
+    import stat
+
+    from leanseq.fileio import SHARED
+
+    old = os.umask(0o022)
+    try:
+        private = write_file_atomic(tmp_path / "state.bin", b"x")
+        shared = write_file_atomic(tmp_path / "report.md", "x", mode=SHARED)
+        figure = save_figure_atomic(_Figure(), tmp_path / "plot.png")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o644
+    assert stat.S_IMODE(figure.stat().st_mode) == 0o644

