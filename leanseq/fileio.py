@@ -11,6 +11,13 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+
+def cache_root() -> Path:
+    """Where leanseq keeps what it builds or trains once (compiled kernels, trained models): $LEANSEQ_CACHE, else
+    ~/.cache/leanseq."""
+    return Path(os.environ.get("LEANSEQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "leanseq"))
+
+
 PRIVATE = 0o600  # only the owner reads it (checkpoints, states, the kernel cache)
 SHARED = 0o666  # what open() gives a new file: 0644 under the usual umask (reports, figures, data, tokenizers)
 

@@ -131,9 +131,10 @@ def _warn_if_busy(threads: int) -> None:
     import os
     import sys
 
-    try:
-        load, cpus = os.getloadavg()[0], os.cpu_count() or 1
-    except (OSError, AttributeError):
+    from leanseq.energy.machine import load_average
+
+    load, cpus = load_average(), os.cpu_count() or 1
+    if load is None:
         return
     if load > cpus - threads + 0.5:
         hint = " (try --threads 1)" if threads > 1 else ""

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from leanseq.fileio import write_file_atomic
+from leanseq.fileio import cache_root, write_file_atomic
 from leanseq.ops.export_mode import is_exporting
 
 _SOURCE = Path(__file__).parent / "csrc" / "selective_scan.c"
@@ -98,12 +98,8 @@ def _reset() -> None:
         _lib, _reason = None, "not built yet"
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("LEANSEQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "leanseq"))
-
-
 def _cache_dir() -> Path:
-    return _cache_root() / "native"
+    return cache_root() / "native"
 
 
 def _cpu_tag() -> str:
@@ -411,7 +407,7 @@ def _build(kernel: _Kernel = _SCAN_KERNEL) -> tuple[ctypes.CDLL, str]:
     source = kernel.source.read_bytes()
     key = hashlib.sha256(source + "\0".join(compiler + _FLAGS + ["(link)"] + _LINK_FLAGS + list(kernel.extra_flags)).encode()).hexdigest()[:16]
     name = f"{kernel.source.stem}-{key}-{_cpu_tag()}.so"
-    root, folder = _cache_root(), _cache_dir()
+    root, folder = cache_root(), _cache_dir()
     problem = _prepare_cache(folder, root)
     if problem is None:
         try:

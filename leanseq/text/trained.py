@@ -27,6 +27,8 @@ import shutil
 import time
 from pathlib import Path
 
+from leanseq import fileio
+
 RECORD_FILE = "trained.json"
 RECORD_VERSION = 1
 
@@ -68,8 +70,7 @@ SHAKESPEARE_14M = TextModelRecipe(name="shakespeare-mamba-14m")
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("LEANSEQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "leanseq")) \
-        / "models"
+    return fileio.cache_root() / "models"
 
 
 def run_config(recipe: TextModelRecipe, out_dir: Path, progress: bool):

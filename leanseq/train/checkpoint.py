@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from leanseq.fileio import write_file_atomic
 
 MAGIC = b"LEANSEQ-TRAIN-STATE-V1\n"
 
@@ -24,23 +25,11 @@ class TrainCheckpointError(ValueError):
 
 
 def save_train_state(path: str | os.PathLike, state: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
     digest = hashlib.sha256(payload).hexdigest().encode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(MAGIC + digest + b"\n" + payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_file_atomic(path, MAGIC + digest + b"\n" + payload)  # private (0600), as before
 
 
 def load_train_state(path: str | os.PathLike) -> dict:
